@@ -1,0 +1,50 @@
+# dlcourse: the two set-up commands (`make demo`, `make test`) and a few helpers.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# Where the real datasets live: a PATH-like list of folders, searched in order (see nbs/00_core.ipynb).
+# Defaults: this workplace's Imagenette mirror beside the checkout, and Debian's Fashion-MNIST.
+DLCOURSE_DATA ?= $(abspath ../shared/data):/usr/share/datasets
+export DLCOURSE_DATA
+
+.PHONY: demo test lab export clean-nbs bench help
+
+help:
+	@echo "make demo   create .venv, install dlcourse, run the demo training (real data, loss plot in demo_out/)"
+	@echo "make test   create .venv with dev extras, check notebooks are clean and exported, run nbdev_test + pytest"
+	@echo "make lab    open the notebooks in JupyterLab"
+	@echo "make export nbdev_clean + nbdev_export (run before every commit)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+# The runtime install: what `pip install dlcourse` gives a user.
+$(VENV)/.installed: $(BIN)/python setup.py settings.ini
+	$(BIN)/pip install -q -e .
+	touch $@
+
+# The dev install: runtime + nbdev, pytest, JupyterLab.
+$(VENV)/.dev-installed: $(VENV)/.installed
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+fashion-mnist:
+	@tools/ensure_fashion_mnist.sh
+
+demo: $(VENV)/.installed fashion-mnist
+	$(BIN)/python examples/train_fashion_mnist.py --out demo_out
+
+test: $(VENV)/.dev-installed fashion-mnist
+	$(BIN)/python tools/run_tests.py
+
+lab: $(VENV)/.dev-installed
+	cd nbs && ../$(BIN)/jupyter lab
+
+export: $(VENV)/.dev-installed
+	$(BIN)/nbdev_clean
+	$(BIN)/nbdev_export
+
+bench: $(VENV)/.dev-installed
+	@for f in bench/*.py; do echo "== $$f"; $(BIN)/python $$f || exit 1; done

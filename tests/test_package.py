@@ -1,0 +1,66 @@
+"""What a notebook cannot hold well: fresh-interpreter imports, the terminal progress bar, the demo script."""
+import json
+
+import pytest
+
+from conftest import fashion_mnist_available
+
+needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not in DLCOURSE_DATA")
+
+
+def test_import_is_light(run_py):
+    """`import dlcourse.learner` must not pull in matplotlib, IPython or the dev-only fastcore/nbdev."""
+    code = ("import sys, dlcourse.core, dlcourse.learner; "
+            "print(sorted(m for m in ('matplotlib', 'IPython', 'fastcore', 'nbdev') if m in sys.modules))")
+    proc = run_py("-c", code)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_version_matches_settings():
+    import configparser
+    from conftest import ROOT
+    import dlcourse
+    cfg = configparser.ConfigParser()
+    cfg.read(ROOT / "settings.ini")
+    assert dlcourse.__version__ == cfg["DEFAULT"]["version"]
+
+
+TINY_FIT = """
+import torch
+from torch import nn
+from torch.utils.data import TensorDataset
+from dlcourse.learner import DataLoaders, Learner, accuracy
+torch.manual_seed(0)
+x, y = torch.randn(64, 3), torch.randint(0, 2, (64,))
+dls = DataLoaders.from_datasets(TensorDataset(x, y), TensorDataset(x, y), bs=16)
+Learner(nn.Linear(3, 2), dls, metrics=[accuracy], progress={progress}).fit(2)
+"""
+
+
+def test_terminal_progress_bar_and_table(run_py):
+    """In a terminal the bars go to stderr and the epoch table to stdout, one header and one row per epoch."""
+    proc = run_py("-c", TINY_FIT.format(progress=True), env={"TQDM_DISABLE": ""})
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert lines[0].split() == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
+    assert [line.split()[0] for line in lines[1:]] == ["0", "1"]
+    assert "epoch 1/2 train" in proc.stderr and "it/s" in proc.stderr
+
+
+def test_progress_off_prints_nothing(run_py):
+    proc = run_py("-c", TINY_FIT.format(progress=False))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == "" and proc.stderr == ""
+
+
+@needs_fmnist
+def test_demo_script(run_py, tmp_path):
+    """The demo (what `make demo` runs) trains on real data and saves a loss plot and results."""
+    proc = run_py("examples/train_fashion_mnist.py", "--epochs", "1", "--n-train", "6000", "--no-progress",
+                  "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    history = json.loads((tmp_path / "results.json").read_text())
+    assert len(history) == 1 and history[0]["accuracy"] > 0.75
+    png = (tmp_path / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
