@@ -12,9 +12,9 @@ config = ConfigParser(delimiters=["="])
 config.read(here / "settings.ini", encoding="utf-8")
 cfg = config["DEFAULT"]
 
-licenses = {"apache2": ("Apache Software License 2.0", "OSI Approved :: Apache Software License")}
+licenses = {"apache2": "Apache-2.0"}  # SPDX expressions (license classifiers are deprecated)
 statuses = ["1 - Planning", "2 - Pre-Alpha", "3 - Alpha", "4 - Beta", "5 - Production/Stable", "6 - Mature", "7 - Inactive"]
-license_name, license_classifier = licenses[cfg["license"]]
+license_name = licenses[cfg["license"]]
 
 requirements = cfg.get("requirements", "").split()
 dev_requirements = cfg.get("dev_requirements", "").split()
@@ -34,7 +34,6 @@ setuptools.setup(
     classifiers=[
         f"Development Status :: {statuses[int(cfg['status'])]}",
         f"Intended Audience :: {cfg['audience'].title()}",
-        f"License :: {license_classifier}",
         f"Natural Language :: {cfg['language'].title()}",
         "Programming Language :: Python :: 3",
     ],
