@@ -38,7 +38,7 @@ setuptools.setup(
         "Programming Language :: Python :: 3",
     ],
     python_requires=f">={cfg['min_python']}",
-    packages=setuptools.find_packages(include=["dlcourse", "dlcourse.*"]),
+    packages=setuptools.find_namespace_packages(include=["dlcourse", "dlcourse.*"], exclude=["*.__pycache__"]),
     include_package_data=True,
     package_data={"dlcourse": ["data/*", "data/**/*"]},
     install_requires=requirements,
