@@ -8,9 +8,17 @@ from conftest import fashion_mnist_available
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not in DLCOURSE_DATA")
 
 
-def test_import_is_light(run_py):
-    """`import dlcourse.learner` must not pull in matplotlib, IPython or the dev-only fastcore/nbdev."""
-    code = ("import sys, dlcourse.core, dlcourse.learner; "
+def _modules():
+    """Every module of the package, from the files nbdev exported."""
+    from conftest import ROOT
+    return sorted(f"dlcourse.{p.stem}" for p in (ROOT / "dlcourse").glob("*.py") if not p.stem.startswith("_"))
+
+
+@pytest.mark.parametrize("module", _modules())
+def test_import_is_light(run_py, module):
+    """Importing any module must not pull in matplotlib, IPython or the dev-only fastcore/nbdev (heavy or optional
+    imports belong inside the functions that need them), and must work with the runtime requirements alone."""
+    code = (f"import sys, {module}; "
             "print(sorted(m for m in ('matplotlib', 'IPython', 'fastcore', 'nbdev') if m in sys.modules))")
     proc = run_py("-c", code)
     assert proc.returncode == 0, proc.stderr

@@ -63,7 +63,10 @@ def run_notebooks():
     """Run nbdev_test on every notebook; return (passed, failed) counts."""
     nbs = notebooks()
     start = time.time()
-    code, out = run([BIN / "nbdev_test", "--n_workers", str(min(2, os.cpu_count() or 1)), "--timing"])
+    # Notebooks run two at a time; one torch thread each keeps them from fighting over the cores
+    # (on a 2-core machine, 2 x 2 threads made some notebooks 10x slower).
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    code, out = run([BIN / "nbdev_test", "--n_workers", str(min(2, os.cpu_count() or 1)), "--timing"], env=env)
     print(f"nbdev_test: {len(nbs)} notebooks in {time.time() - start:.1f}s")
     failed = set(re.findall(r"^\t(\S+\.ipynb)\s*$", out, flags=re.M))
     if code != 0 and not failed:  # nbdev_test failed before naming a notebook: count them all as failed
