@@ -8,7 +8,7 @@ degrees, random brightness and contrast, to a float tensor in [0, 1], normalisat
 - pil: per image, `ItemRandomResizedCrop` + `PilRandomRotate` + PIL `ImageEnhance` brightness/contrast + `ToByteTensor`,
   then stack, float and normalise the batch; one core, in the main process (a DataLoader with k workers runs k of
   these in parallel).
-- batched: the uint8 batch through `BatchToFloat`, `AffineAugment` (crop, flip and rotation composed into one matrix
+- batched: the uint8 batch through `ToFloatTensor`, `AffineAugment` (crop, flip and rotation composed into one matrix
   per image, one `grid_sample`), `BatchLighting`, `Normalize`; with 1 torch thread, and with --threads threads.
 
 CPU measurements are interleaved (each repeat runs every path once), so that the load of a shared machine hits them
@@ -78,8 +78,8 @@ def batched_pipeline(size, erasing=False):
     "Per batch: uint8 -> float, one affine resampling (crop + flip + rotate), lighting, normalise (and erasing)."
     from dlcourse.augment import AffineAugment, BatchErasing, BatchLighting
     from dlcourse.datablock import compose
-    from dlcourse.datasets import BatchToFloat
-    tfms = [BatchToFloat(), AffineAugment(size, crop_scale=(0.35, 1.), max_rotate=10., max_zoom=1., p=1.),
+    from dlcourse.datablock import ToFloatTensor
+    tfms = [ToFloatTensor(), AffineAugment(size, crop_scale=(0.35, 1.), max_rotate=10., max_zoom=1., p=1.),
             BatchLighting(0.2, 0.3, p=1.), normalizer()]
     if erasing:
         tfms.append(BatchErasing(p=0.5))

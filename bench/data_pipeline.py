@@ -9,7 +9,7 @@ training images of imagenette2-128 (found through DLCOURSE_DATA and extracted in
 - per_item: `ItemDataLoader` over `LabeledData` with OpenImage + ItemRandomResizedCrop + ToByteTensor, --workers
   worker processes, uint8 collate, float conversion in the main process.
 - cached: `image_cache` (a memory-mapped uint8 tensor, built once; its build time is reported separately) and
-  `DeviceLoader` with BatchToFloat + BatchRandomResizedCrop on the default device.
+  `DeviceLoader` with ToFloatTensor + BatchRandomResizedCrop on the default device.
 - fastai: fastai's `DataBlock` (ImageBlock, CategoryBlock) with item_tfms RandomResizedCrop(128, min_scale=0.35) and
   FlipItem(0.5), IntToFloatTensor (ImageBlock's default batch transform), --workers workers. Runs only where fastai
   is importable: install it in a separate venv (it needs fastcore 2.x, dlcourse's dev tools need fastcore<2):
@@ -59,13 +59,14 @@ def dlcourse_per_item(files, labels, args):
 
 
 def dlcourse_cached(files, labels, args):
-    from dlcourse.datasets import BatchRandomResizedCrop, BatchToFloat, DeviceLoader, image_cache
+    from dlcourse.datablock import ToFloatTensor
+    from dlcourse.datasets import BatchRandomResizedCrop, DeviceLoader, image_cache
     start = time.perf_counter()
     images = image_cache(files, args.size, name="imagenette2-128-train", progress=False)  # shared with cached_dataloaders
     print(json.dumps({"path": "cached", "cache_ready_s": round(time.perf_counter() - start, 2),
                       "cache_mb": round(images.numel() / 1e6, 1)}), flush=True)
     dl = DeviceLoader(images, torch.tensor(labels), args.bs, shuffle=True, device=args.device,
-                      batch_tfms=[BatchToFloat(), BatchRandomResizedCrop(args.size, scale=(0.35, 1.))])
+                      batch_tfms=[ToFloatTensor(), BatchRandomResizedCrop(args.size, scale=(0.35, 1.))])
     return lambda: measure(dl, args.batches)
 
 

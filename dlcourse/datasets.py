@@ -5,8 +5,8 @@
 # %% auto #0
 __all__ = ['DATASETS', 'IMAGENETTE_CLASSES', 'cache_dir', 'ChecksumError', 'file_hash', 'check_file', 'download',
            'UnsafeArchiveError', 'safe_extract', 'RemoteFile', 'DataSource', 'get_dataset', 'imagenette',
-           'fashion_mnist', 'tiny_imagenette', 'image_cache', 'BatchToFloat', 'BatchRandomResizedCrop',
-           'ItemRandomResizedCrop', 'DeviceLoader', 'cached_dataloaders']
+           'fashion_mnist', 'tiny_imagenette', 'image_cache', 'BatchRandomResizedCrop', 'ItemRandomResizedCrop',
+           'DeviceLoader', 'cached_dataloaders']
 
 # %% ../nbs/04a_datasets.ipynb #b543d60c
 import hashlib
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
 from .core import data_dirs, default_device, load_fashion_mnist
-from .datablock import (CategoryProcessor, IMAGE_EXTENSIONS, Normalize, Transform, compose, get_files,
-                                load_image, parent_label)
+from .datablock import (CategoryProcessor, IMAGE_EXTENSIONS, Normalize, ToFloatTensor, Transform, compose,
+                                get_files, load_image, parent_label)
 from .learner import DataLoaders
 
 # %% ../nbs/04a_datasets.ipynb #75cdc629
@@ -367,13 +367,6 @@ def _crop_fractions(n:int, scale:tuple, ratio:tuple, generator=None, device=None
     aspect = log_ratio.exp()
     return (area * aspect).sqrt().clamp(max=1), (area / aspect).sqrt().clamp(max=1)
 
-class BatchToFloat(Transform):
-    "uint8 batch -> float batch in [0, 1]."
-    order = 30
-
-    def __call__(self, xb):
-        return xb.float().div_(255.)
-
 class BatchRandomResizedCrop(Transform):
     "Random resized crop (and horizontal flip) of every image of a float batch (bs, c, h, w), in one grid_sample."
     order = 35
@@ -472,7 +465,7 @@ def cached_dataloaders(path:str|Path, # folder with train_name/<class>/<image> a
     mean, std = _cache_stats(tensors[train_name][0])
     norm = Normalize(mean, std)
     train = DeviceLoader(*tensors[train_name], bs, shuffle=True, device=device, drop_last=True, vocab=proc.vocab,
-                         batch_tfms=[BatchToFloat(), BatchRandomResizedCrop(crop_size or size), norm])
+                         batch_tfms=[ToFloatTensor(), BatchRandomResizedCrop(crop_size or size), norm])
     valid = DeviceLoader(*tensors[valid_name], valid_bs or 2 * bs, device=device, vocab=proc.vocab,
-                         batch_tfms=[BatchToFloat(), norm])
+                         batch_tfms=[ToFloatTensor(), norm])
     return DataLoaders(train, valid)
