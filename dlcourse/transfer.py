@@ -5,7 +5,7 @@
 # %% auto #0
 __all__ = ['atomic_write', 'save_weights', 'WeightsMismatchError', 'LoadReport', 'compare_state', 'load_weights']
 
-# %% ../nbs/11_transfer_learning.ipynb #e142636f
+# %% ../nbs/11_transfer_learning.ipynb #a83ef5c4
 import os
 import tempfile
 from pathlib import Path
@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-# %% ../nbs/11_transfer_learning.ipynb #71e03553
+# %% ../nbs/11_transfer_learning.ipynb #0c2ace48
 def _fsync_dir(folder:Path):
     "Flush a folder's entries to disk, so a rename inside it survives a power cut (a no-op where unsupported)."
     try:
@@ -46,7 +46,7 @@ def atomic_write(path:str|Path, # the final file
     _fsync_dir(path.parent)
     return path
 
-# %% ../nbs/11_transfer_learning.ipynb #8be2ca8a
+# %% ../nbs/11_transfer_learning.ipynb #adb34f35
 def _tensors_for_saving(state:dict) -> dict:
     "CPU, contiguous copies of a state dict's tensors, never two sharing memory (safetensors refuses that)."
     out, seen = {}, set()
@@ -69,7 +69,7 @@ def save_weights(model:nn.Module, # the model whose `state_dict` (parameters and
     meta = {"format": "pt", **{str(k): str(v) for k, v in (metadata or {}).items()}}
     return atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=meta))
 
-# %% ../nbs/11_transfer_learning.ipynb #cdcde8e3
+# %% ../nbs/11_transfer_learning.ipynb #c97a5fb3
 class WeightsMismatchError(ValueError):
     "A weights file does not fit the model: some keys are missing, unexpected or of another shape."
 
