@@ -484,9 +484,7 @@ def item_dataloaders(train_ds, valid_ds=None,
                      num_workers:int=0, # worker processes per loader
                      **kwargs) -> DataLoaders: # passed on to both loaders (pin_memory, persistent_workers...)
     "`DataLoaders` of two `ItemDataLoader`s: train shuffled, valid in order with a larger batch."
-    train = ItemDataLoader(train_ds, bs, shuffle=True, num_workers=num_workers, **kwargs)
-    valid = None if valid_ds is None else ItemDataLoader(valid_ds, valid_bs or 2 * bs, num_workers=num_workers, **kwargs)
-    return DataLoaders(train, valid)
+    return DataLoaders.from_datasets(train_ds, valid_ds, bs, valid_bs, num_workers, loader_cls=ItemDataLoader, **kwargs)
 
 # %% ../nbs/04_datablock.ipynb #991a9576
 def show_images(images:torch.Tensor, # (n, 3, h, w) floats in [0, 1], or uint8

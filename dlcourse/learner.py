@@ -30,10 +30,11 @@ class DataLoaders:
                       bs:int=64, # training batch size
                       valid_bs:int|None=None, # validation batch size (default: 2 * bs, no gradients to keep)
                       num_workers:int=0, # worker processes for each loader
-                      **kwargs): # passed on to both `DataLoader`s (collate_fn, pin_memory, ...)
+                      loader_cls=DataLoader, # the loader class (a `DataLoader` subclass)
+                      **kwargs): # passed on to both loaders (collate_fn, pin_memory, ...)
         "Loaders for `train_ds` (shuffled) and `valid_ds` (in order)."
-        train = DataLoader(train_ds, bs, shuffle=True, num_workers=num_workers, **kwargs)
-        valid = None if valid_ds is None else DataLoader(valid_ds, valid_bs or 2 * bs, shuffle=False,
+        train = loader_cls(train_ds, bs, shuffle=True, num_workers=num_workers, **kwargs)
+        valid = None if valid_ds is None else loader_cls(valid_ds, valid_bs or 2 * bs, shuffle=False,
                                                          num_workers=num_workers, **kwargs)
         return cls(train, valid)
 
