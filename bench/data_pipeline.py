@@ -88,9 +88,9 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2, help="worker processes of the per-item loaders")
     parser.add_argument("--device", default="auto", help="device of the cached path")
-    parser.add_argument("--threads", type=int, default=1,
-                        help="torch threads of the main process (default 1: the loader workers use the other cores); "
-                             "0 keeps torch's default")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads of the main process (default 0: torch's default, one per core; on a "
+                             "machine shared with other jobs, 1 avoids threads stalling each other)")
     parser.add_argument("--paths", default="per_item,cached,fastai")
     args = parser.parse_args(argv)
     if args.threads:
