@@ -6,7 +6,7 @@
 __all__ = ['conv_bn', 'ResBlock', 'XResNet', 'xresnet18', 'xresnet34', 'xresnet50', 'xresnet101', 'xresnet152']
 
 # %% ../nbs/09_xresnet.ipynb #568ecc92
-from functools import partial
+from collections import OrderedDict
 
 import torch
 from torch import nn
@@ -83,6 +83,12 @@ class XResNet(nn.Sequential):
         for m in self.modules():  # Kaiming init everywhere, keeping the zero-initialised BatchNorm scales
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 _init_weights(m)
+
+    def __getitem__(self, idx):
+        "A layer, or for a slice a plain `nn.Sequential` of the same layer objects (`model[:-3]` is the body)."
+        if isinstance(idx, slice):  # nn.Sequential would call XResNet(OrderedDict), which this __init__ does not take
+            return nn.Sequential(OrderedDict(list(self._modules.items())[idx]))
+        return super().__getitem__(idx)
 
 # %% ../nbs/09_xresnet.ipynb #c3ca2b07
 def xresnet18(n_out:int=1000, **kwargs) -> XResNet:
