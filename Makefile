@@ -11,7 +11,7 @@ export DLCOURSE_DATA
 .PHONY: demo test lab export bench bench-data help
 
 help:
-	@echo "make demo   create .venv, install dlcourse, run the demo training (real data, loss plot in demo_out/)"
+	@echo 'make demo   create .venv, install dlcourse, run dlcourse train on the bundled tiny Imagenette (outputs in demo_out/)'
 	@echo "make test   create .venv with dev extras, check notebooks are clean and exported, run nbdev_test + pytest"
 	@echo "make lab    open the notebooks in JupyterLab"
 	@echo "make export nbdev_clean + nbdev_export (run before every commit)"
@@ -34,8 +34,8 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 fashion-mnist:
 	@tools/ensure_fashion_mnist.sh
 
-demo: $(VENV)/.installed fashion-mnist
-	$(BIN)/python examples/train_fashion_mnist.py --out demo_out
+demo: $(VENV)/.installed
+	$(BIN)/dlcourse train --out demo_out
 
 test: $(VENV)/.dev-installed fashion-mnist
 	$(BIN)/python tools/run_tests.py

@@ -319,3 +319,21 @@ def test_no_op_without_launcher(cache, monkeypatch):
 
 if __name__ == "__main__":
     {"train": worker_train, "fail": worker_fail}[sys.argv[1]](sys.argv[2], sys.argv[3])
+
+
+def test_cli_under_torchrun(tmp_path):
+    """`torchrun --nproc_per_node=2 -m dlcourse train` works unchanged: rank 0 alone prints the tables and writes the
+    outputs, which record the world size; the validation accuracy counts every one of the 120 valid items once."""
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1", "DLCOURSE_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", "-m", "dlcourse", "train", "--data", "tiny", "--device", "cpu",
+           "--size", "32", "--epochs", "1", "--bs", "16", "--no-progress", "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["world_size"] == 2
+    assert round(results["accuracy"] * 120, 6) == round(results["accuracy"] * 120)  # a whole number of items
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.jsonl", "model.safetensors", "results.json", "training.png"]
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one epoch, written once (by rank 0)
+    assert proc.stdout.count("train_loss") == 1  # one epoch table header: rank 1 printed nothing
