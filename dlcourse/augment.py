@@ -53,12 +53,13 @@ class PilRandomDihedral(Transform):
 
 # %% ../nbs/06_augmentation.ipynb #92b8b2f2
 _RESAMPLE = ("nearest", "bilinear", "bicubic", "lanczos")
+_GEOMETRIC_RESAMPLE = ("nearest", "bilinear", "bicubic")  # what PIL's rotate and transform accept (no lanczos)
 
-def _pil_resample(name:str):
-    "PIL's resampling constant for `name`."
+def _pil_resample(name:str, allowed:tuple=_RESAMPLE):
+    "PIL's resampling constant for `name`, checked against the methods `allowed`."
     from PIL import Image
-    if name not in _RESAMPLE:
-        raise ValueError(f"unknown resampling {name!r}; choose one of {_RESAMPLE}")
+    if name not in allowed:
+        raise ValueError(f"unknown or unsupported resampling {name!r} here; choose one of {allowed}")
     return getattr(Image.Resampling, name.upper())
 
 class PilRandomRotate(Transform):
@@ -68,7 +69,7 @@ class PilRandomRotate(Transform):
     def __init__(self, max_deg:float=10., # largest rotation, in degrees
                  p:float=0.75, # probability of rotating at all
                  resample:str="bilinear"): # 'nearest', 'bilinear' or 'bicubic'
-        self.max_deg, self.p, self.resample = max_deg, p, _pil_resample(resample)
+        self.max_deg, self.p, self.resample = max_deg, p, _pil_resample(resample, _GEOMETRIC_RESAMPLE)
 
     def __call__(self, img):
         if random.random() >= self.p:
@@ -137,7 +138,8 @@ def warp(img, # a PIL image
     from PIL import Image
     size = size or img.size
     coeffs = perspective_coeffs(_corners(*size), corners)
-    return img.transform(size, Image.Transform.PERSPECTIVE, coeffs.tolist(), resample=_pil_resample(resample))
+    return img.transform(size, Image.Transform.PERSPECTIVE, coeffs.tolist(),
+                         resample=_pil_resample(resample, _GEOMETRIC_RESAMPLE))
 
 def tilt_corners(width:int, height:int,
                  side:int, # 0 left, 1 top, 2 right, 3 bottom
@@ -157,6 +159,7 @@ class PilRandomTilt(Transform):
     order = 17
 
     def __init__(self, magnitude:float=0.2, p:float=0.75, resample:str="bilinear"):
+        _pil_resample(resample, _GEOMETRIC_RESAMPLE)  # check it now, not in a DataLoader worker later
         self.magnitude, self.p, self.resample = magnitude, p, resample
 
     def __call__(self, img):

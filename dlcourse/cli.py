@@ -113,16 +113,18 @@ def config_from_args(args:argparse.Namespace) -> TrainConfig:
 class MetricsLog(Callback):
     "Append each epoch's row of the recorder (losses, metrics, time) to a JSON-lines file, as training goes."
     order = 55  # after the Recorder has written the row
-    main_process_only = True  # under torchrun, only rank 0 writes the file
 
     def __init__(self, path:str|Path):
         self.path = Path(path)
 
     def before_fit(self, learn):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("")
+        if is_main_process():  # under torchrun only rank 0 writes (this runs before DistributedCB's own before_fit)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.write_text("")
 
     def after_epoch(self, learn):
+        if not is_main_process():
+            return
         row = {k: v for k, v in learn.recorder.history[-1].items() if k != "train_iters"}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")

@@ -55,6 +55,19 @@ def _cast_floats(batch, dtype:torch.dtype):
         return type(batch)(_cast_floats(b, dtype) for b in batch)
     return batch
 
+def _restore_unchanged(model:nn.Module, originals:dict, dtype:torch.dtype):
+    "Put back the exact value and dtype of each tensor in `originals` (name -> tensor) that training left unchanged."
+    for name, original in originals.items():
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        current = getattr(module, attr)
+        if not torch.equal(current.float(), original.to(dtype).float()):
+            continue  # changed during fit (a buffer such as running statistics): keep the new value
+        if isinstance(current, nn.Parameter):
+            current.data = original
+        else:
+            setattr(module, attr, original)
+
 def _epoch_report(learn, cb, skipped_before:int, scale:float):
     "Add this epoch's skipped steps and the current loss scale to the Recorder's row (shown in the epoch table)."
     recorder = getattr(learn, "recorder", None)
@@ -81,6 +94,10 @@ class MixedPrecision(Callback):
         params = [p for group in learn.opt.param_groups for p in group["params"]]
         self.model_params = [p for p in params if p.requires_grad]
         self.master_params = [p.detach().clone().float().requires_grad_() for p in self.model_params]
+        trained = {id(p) for p in self.model_params}  # the others (frozen weights, buffers) have no master copy:
+        self.originals = {name: t.detach().clone() for name, t in  # keep them to undo the rounding after fit
+                          [*learn.model.named_parameters(), *learn.model.named_buffers()]
+                          if t.is_floating_point() and id(t) not in trained}
         model_to_half(learn.model, self.dtype)
         swap_optimizer_params(learn.opt, dict(zip(self.model_params, self.master_params)))
         self.active, self.clean_steps, self.scales = True, 0, []
@@ -147,6 +164,7 @@ class MixedPrecision(Callback):
         if not self.active:
             return
         learn.model.float()
+        _restore_unchanged(learn.model, self.originals, self.dtype)
         with torch.no_grad():
             for model_p, master_p in zip(self.model_params, self.master_params):
                 model_p.copy_(master_p)  # exact FP32 weights, not the FP16 rounding

@@ -9,6 +9,7 @@ __all__ = ['ARCHS', 'ACTIVATIONS', 'OPTIMIZERS', 'SCHEDULES', 'AUGMENTS', 'LOADE
            'plot_history']
 
 # %% ../nbs/10_train_imagenette.ipynb #4982a78a
+import os
 import platform
 import shutil
 import time
@@ -22,8 +23,8 @@ from torch import nn
 from .augment import AffineAugment
 from .core import default_device, set_seed
 from .datablock import ItemDataLoader, compose, image_folder_dls
-from .datasets import (DATASETS, BatchRandomResizedCrop, cache_dir, cached_dataloaders, get_dataset, safe_extract,
-                       tiny_imagenette)
+from .datasets import (DATASETS, BatchRandomResizedCrop, _fingerprint, cache_dir, cached_dataloaders, get_dataset,
+                               safe_extract, tiny_imagenette)
 from .fp16 import AMP, PRECISIONS, resolve_precision
 from .learner import Callback, Learner, accuracy
 from .mixup import LabelSmoothingCrossEntropy, MixUp
@@ -116,15 +117,21 @@ def valid_folder_name(root:Path) -> str:
 
 # %% ../nbs/10_train_imagenette.ipynb #32097c20
 def _extract_once(archive:Path) -> Path:
-    "Extract `archive` into the cache (once per archive version); return the folder it went to."
-    stat = archive.stat()
-    key = f"{archive.name.split('.')[0]}-{stat.st_size}-{stat.st_mtime_ns % 10**9}"
+    "Extract `archive` into the cache (once per archive version: path, size, modification time); return the folder."
+    key = f"{archive.name.split('.')[0]}-{_fingerprint([archive.resolve()], 0)}"
     dest = cache_dir() / "extracted" / key
-    if not dest.is_dir():
-        tmp = dest.with_name(key + ".part")
-        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted extraction
+    if dest.is_dir():
+        return dest
+    tmp = dest.with_name(f"{key}.{os.getpid()}.part")  # private to this process: concurrent runs do not collide
+    shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted extraction
+    try:
         safe_extract(archive, tmp)
         tmp.rename(dest)
+    except OSError:
+        if not dest.is_dir():  # a failure, not another run that finished first
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return dest
 
 def resolve_data(spec:str) -> Path:
@@ -248,8 +255,9 @@ def _callbacks(cfg:TrainConfig, resolved:dict) -> list:
     return cbs
 
 def plain_model(learn) -> nn.Module:
-    "The learner's model without its `torch.compile` wrapper (same weights)."
-    return getattr(learn.model, "_orig_mod", learn.model)
+    "The learner's model without its `DistributedDataParallel` and `torch.compile` wrappers (same weights)."
+    model = getattr(learn.model, "module", learn.model)  # DDP keeps the wrapped model in .module
+    return getattr(model, "_orig_mod", model)  # torch.compile keeps it in ._orig_mod
 
 def _fit(learn, cfg:TrainConfig):
     "Fit `learn` with the schedule `cfg.sched`."

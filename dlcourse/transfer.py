@@ -24,6 +24,7 @@ from torch import nn
 
 from .learner import Callback
 from .schedule import fit_one_cycle
+from .train import plain_model
 
 # %% ../nbs/11_transfer_learning.ipynb #0e00b8a4
 def _fsync_dir(folder:Path):
@@ -198,7 +199,7 @@ def save_checkpoint(learn, # a `dlcourse.learner.Learner`
     tag = f"{epoch:04d}-{uuid.uuid4().hex[:8]}"
     manifest = {"format": "dlcourse-checkpoint", "version": 1, "tag": tag, "epoch": epoch,
                 "weights": f"weights-{tag}.safetensors", "state": f"state-{tag}.pt"}
-    save_weights(learn.model, folder / manifest["weights"], metadata={"tag": tag, "epoch": epoch})
+    save_weights(plain_model(learn), folder / manifest["weights"], metadata={"tag": tag, "epoch": epoch})
     state = {**training_state(learn, epoch, extra), "tag": tag}
     atomic_write(folder / manifest["state"], lambda tmp: torch.save(state, tmp))
     atomic_write(folder / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
@@ -236,7 +237,7 @@ def load_checkpoint(learn, # a `dlcourse.learner.Learner` with the same model (a
     if state.get("tag") != files["tag"] or _weights_tag(files["weights"]) != files["tag"]:
         raise ValueError(f"the files of checkpoint {folder} come from different saves")
     learn.model.to(learn.device)  # before the optimizer state, which follows its parameters' device
-    state["load_report"] = load_weights(learn.model, files["weights"], strict=strict)
+    state["load_report"] = load_weights(plain_model(learn), files["weights"], strict=strict)
     if state["opt"] is not None:
         if learn.opt is None:
             learn.make_opt()
@@ -252,6 +253,7 @@ def load_checkpoint(learn, # a `dlcourse.learner.Learner` with the same model (a
 class SaveCheckpoint(Callback):
     "Save a checkpoint (see `save_checkpoint`) to `folder` after every `every` epochs and after the last one."
     order = 70  # after the Recorder (50) and the progress table (60)
+    main_process_only = True  # under torchrun (12_distributed) only rank 0 writes checkpoints
 
     def __init__(self, folder:str|Path, every:int=1):
         if every < 1:

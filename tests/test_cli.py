@@ -154,3 +154,28 @@ def test_console_script(tmp_path):
     proc = subprocess.run([script, "train", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--label-smoothing" in proc.stdout
+
+
+def test_archives_with_same_name_and_size_extract_apart(tmp_path, monkeypatch):
+    """Two different archives named alike, of the same size and whole-second mtime, must not share an extraction."""
+    import io
+    import os
+    import tarfile
+    monkeypatch.setenv("DLCOURSE_CACHE", str(tmp_path / "cache"))
+    from dlcourse.train import _extract_once
+    archives = []
+    for folder, content in (("a", b"first"), ("b", b"other")):
+        (tmp_path / folder).mkdir()
+        archive = tmp_path / folder / "ds.tar"
+        with tarfile.open(archive, "w") as tar:
+            info = tarfile.TarInfo("ds/x.txt")
+            info.size = len(content)
+            tar.addfile(info, io.BytesIO(content))
+        os.utime(archive, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
+        archives.append(archive)
+    assert archives[0].stat().st_size == archives[1].stat().st_size
+    out_a, out_b = (_extract_once(a) for a in archives)
+    assert (out_a / "ds" / "x.txt").read_bytes() == b"first"
+    assert (out_b / "ds" / "x.txt").read_bytes() == b"other"
+    assert _extract_once(archives[0]) == out_a  # extracted once, then reused
+    assert not list(out_a.parent.glob("*.part"))
