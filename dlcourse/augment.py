@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .datablock import Transform
+from .datasets import _crop_fractions
 
 # %% ../nbs/06_augmentation.ipynb #6c73858d
 def _pil_transposes():
@@ -257,9 +258,7 @@ def random_crop_boxes(n:int, # number of boxes
                       ratio:tuple=(3/4, 4/3), # range of the aspect ratio (log-uniform)
                       device=None) -> tuple[torch.Tensor, ...]:
     "Random crop boxes inside the image: width and height fractions, and centres in normalised units (each (n,))."
-    area = _uniform(n, *scale, device)
-    aspect = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), device).exp()
-    width_frac, height_frac = (area * aspect).sqrt().clamp(max=1.), (area / aspect).sqrt().clamp(max=1.)
+    width_frac, height_frac = _crop_fractions(n, scale, ratio, device=device)  # (n,), (n,): the 04a sampler
     center_x = (torch.rand(n, device=device) * 2 - 1) * (1 - width_frac)  # the box stays inside the image
     center_y = (torch.rand(n, device=device) * 2 - 1) * (1 - height_frac)
     return width_frac, height_frac, center_x, center_y

@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 from .core import default_device
 from .datablock import compose
 from .datasets import DeviceLoader
-from .learner import Callback, CancelFitException, DataLoaders, ProgressCB
+from .learner import Callback, CancelFitException, DataLoaders, ProgressCB, _batch_size
 
 # %% ../nbs/12_distributed.ipynb #070519aa
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -233,10 +233,6 @@ def all_reduce_mean(values:dict, # name -> this rank's mean
     return {k: s / max(total, 1) for k, s in zip(names, sums[:-1].tolist())}
 
 # %% ../nbs/12_distributed.ipynb #3368827a
-def _batch_size(yb) -> int:
-    "Items in a batch of targets (a tensor, or a tuple/list whose first element is one)."
-    return len(yb[0] if isinstance(yb, (tuple, list)) else yb)
-
 class DistributedCB(Callback):
     "Data-parallel training with PyTorch DDP when launched by `torchrun`; does nothing in a plain process."
     order = 90  # after the callbacks that change the model in before_fit (AMP, MixedPrecision, ChannelsLast: 80-81)

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .core import apply_to_tensors
 from .learner import Callback, CancelBatchException
 
 # %% ../nbs/08_fp16.ipynb #dead2034
@@ -48,12 +49,8 @@ def swap_optimizer_params(opt:torch.optim.Optimizer, mapping:dict) -> torch.opti
 
 # %% ../nbs/08_fp16.ipynb #2ca2f5a4
 def _cast_floats(batch, dtype:torch.dtype):
-    "Cast the floating-point tensors in `batch` (a tensor, or a tuple/list of them) to `dtype`."
-    if isinstance(batch, torch.Tensor):
-        return batch.to(dtype) if batch.is_floating_point() else batch
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(_cast_floats(b, dtype) for b in batch)
-    return batch
+    "Cast the floating-point tensors in `batch` (any nesting of tuples, lists and dicts) to `dtype`."
+    return apply_to_tensors(batch, lambda t: t.to(dtype) if t.is_floating_point() else t)
 
 def _restore_unchanged(model:nn.Module, originals:dict, dtype:torch.dtype):
     "Put back the exact value and dtype of each tensor in `originals` (name -> tensor) that training left unchanged."
@@ -199,12 +196,8 @@ def model_to_channels_last(model:nn.Module) -> nn.Module:
     return model.to(memory_format=torch.channels_last)
 
 def batch_to_channels_last(batch):
-    "Store the 4-d tensors of `batch` (a tensor, or a tuple/list of them) channels_last."
-    if isinstance(batch, torch.Tensor):
-        return batch.contiguous(memory_format=torch.channels_last) if batch.dim() == 4 else batch
-    if isinstance(batch, (tuple, list)):
-        return type(batch)(batch_to_channels_last(b) for b in batch)
-    return batch
+    "Store the 4-d tensors of `batch` (any nesting of tuples, lists and dicts) channels_last."
+    return apply_to_tensors(batch, lambda t: t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t)
 
 class ChannelsLast(Callback):
     "Train with the model and the 4-d input batches in channels_last memory format."

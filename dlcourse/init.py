@@ -280,6 +280,9 @@ class GeneralRelu(nn.Module):
 class _StopForward(Exception):
     "Raised by LSUV's hook to end a forward pass once the layer being initialised has run."
 
+class _CannotRescale(ValueError):
+    "Raised for a layer whose output cannot be brought to unit variance (zero or non-finite std)."
+
 @dataclass
 class LSUVLayer:
     "What LSUV did to one layer."
@@ -322,7 +325,7 @@ def _lsuv_layer(model, layer, xb, tol, max_iters) -> tuple[int, float, float]:
         if i == max_iters:
             break
         if std == 0 or not math.isfinite(std):
-            raise ValueError(f"its output std is {std} (a dead or constant input?), so it cannot be rescaled")
+            raise _CannotRescale(f"its output std is {std} (a dead or constant input?), so it cannot be rescaled")
         layer.weight.div_(std)
         if has_bias:
             layer.bias.sub_(mean).div_(std)
@@ -354,7 +357,7 @@ def lsuv_init(model:nn.Module, xb:torch.Tensor, # a batch of real inputs (a few 
             for layer in order:
                 try:
                     iters, mean, std = _lsuv_layer(model, layer, xb, tol, max_iters)
-                except ValueError as e:
+                except _CannotRescale as e:  # only this layer's own problem; the model's own errors propagate
                     warnings.warn(f"lsuv_init: layer {names[layer]} left as is: {e}")
                     continue
                 results.append(LSUVLayer(names[layer], iters, mean, std))
