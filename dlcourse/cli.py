@@ -190,8 +190,10 @@ def run_train(args:argparse.Namespace) -> dict:
     if is_distributed_launch():  # started by torchrun: one process per device (see 12_distributed)
         cfg.device = str(distributed_device(cfg.device))  # cuda:LOCAL_RANK on GPUs, before any data goes to one
         init_distributed(cfg.device)
-        with main_process_first():  # rank 0 extracts and caches the data once; the other ranks then reuse it
-            make_dls(cfg, resolve_data(cfg.data), torch.device("cpu"))
+        with main_process_first():  # rank 0 extracts an archive once; the other ranks then reuse it
+            root = resolve_data(cfg.data)
+            if cfg.loader == "cached":  # the image cache file too: built once, not raced by every rank
+                make_dls(cfg, root, torch.device("cpu"))
         cbs.append(DistributedCB(seed=cfg.seed))
         cfg.seed += get_rank()  # different augmentation per rank; DDP starts every rank from rank 0's weights
     learn, results = train(cfg, cbs=cbs)
