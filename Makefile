@@ -8,13 +8,16 @@ BIN := $(VENV)/bin
 DLCOURSE_DATA ?= $(abspath ../shared/data):/usr/share/datasets
 export DLCOURSE_DATA
 
-.PHONY: demo test lab export bench bench-data help
+.PHONY: demo test test-jupyter lab export readme docs dist bench bench-data help fashion-mnist
 
 help:
 	@echo 'make demo   create .venv, install dlcourse, run dlcourse train on the bundled tiny Imagenette (outputs in demo_out/)'
 	@echo "make test   create .venv with dev extras, check notebooks are clean and exported, run nbdev_test + pytest"
+	@echo "make test-jupyter  run every notebook in a real Jupyter kernel (NBS='00_core 09_xresnet' for some, FLAGS=slow for slow cells)"
 	@echo "make lab    open the notebooks in JupyterLab"
-	@echo "make export nbdev_clean + nbdev_export (run before every commit)"
+	@echo "make export nbdev_clean + nbdev_export + nbdev_readme (run before every commit; README.md comes from nbs/index.ipynb)"
+	@echo "make docs   the documentation site in _docs/ (nbdev_docs; needs Quarto)"
+	@echo "make dist   the sdist and the wheel in dist/ (python -m build)"
 	@echo "make bench  the benchmarks in bench/ (make bench-data: the data pipeline against fastai, in its own venv)"
 
 $(BIN)/python:
@@ -40,12 +43,33 @@ demo: $(VENV)/.installed
 test: $(VENV)/.dev-installed fashion-mnist
 	$(BIN)/python tools/run_tests.py
 
+# Every notebook in a real Jupyter kernel (nbclient), skipping the cells nbdev_test skips; the kernelspec
+# `python3` is (re)installed into the venv so it runs the venv's python.
+NBS ?=
+FLAGS ?=
+test-jupyter: $(VENV)/.dev-installed fashion-mnist
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 >/dev/null
+	$(BIN)/python tools/run_jupyter.py $(if $(FLAGS),--flags "$(FLAGS)") $(NBS)
+
 lab: $(VENV)/.dev-installed
 	cd nbs && ../$(BIN)/jupyter lab
 
 export: $(VENV)/.dev-installed
 	$(BIN)/nbdev_clean
 	$(BIN)/nbdev_export
+	@$(MAKE) --no-print-directory readme
+
+# README.md is rendered from nbs/index.ipynb by nbdev_readme, which needs Quarto (https://quarto.org).
+readme: $(VENV)/.dev-installed
+	@if command -v quarto >/dev/null; then $(BIN)/nbdev_readme; \
+	else echo "quarto not found: README.md was not regenerated from nbs/index.ipynb (install Quarto, then make readme)"; fi
+
+docs: $(VENV)/.dev-installed
+	$(BIN)/nbdev_docs
+
+dist: $(VENV)/.dev-installed
+	rm -rf dist
+	$(BIN)/python -m build --no-isolation
 
 # Every benchmark that runs in the dev venv (GPU parts skip themselves without a GPU).
 bench: $(VENV)/.dev-installed

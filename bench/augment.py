@@ -5,7 +5,7 @@ The work, the same on both sides (128px images, decoded once up front: JPEG deco
 random resized crop to 128 (area 35-100%, aspect ratio 3/4-4/3), random left-right flip, random rotation up to 10
 degrees, random brightness and contrast, to a float tensor in [0, 1], normalisation.
 
-- pil: per image, `ItemRandomResizedCrop` + `PilRandomRotate` + PIL `ImageEnhance` brightness/contrast + `ToByteTensor`,
+- pil: per image, `PilRandomResizedCrop` + `PilRandomRotate` + PIL `ImageEnhance` brightness/contrast + `ToByteTensor`,
   then stack, float and normalise the batch; one core, in the main process (a DataLoader with k workers runs k of
   these in parallel).
 - batched: the uint8 batch through `ToFloatTensor`, `AffineAugment` (crop, flip and rotation composed into one matrix
@@ -62,10 +62,9 @@ class PilLighting:
 
 def pil_pipeline(size):
     "Per image: crop + flip, rotate, lighting, to uint8 tensor; per batch: stack, float, normalise."
-    from dlcourse.augment import PilRandomRotate
+    from dlcourse.augment import PilRandomResizedCrop, PilRandomRotate
     from dlcourse.datablock import ToByteTensor, compose
-    from dlcourse.datasets import ItemRandomResizedCrop
-    item_tfms = [ItemRandomResizedCrop(size, scale=(0.35, 1.)), PilRandomRotate(10., p=1.), PilLighting(), ToByteTensor()]
+    item_tfms = [PilRandomResizedCrop(size, scale=(0.35, 1.)), PilRandomRotate(10., p=1.), PilLighting(), ToByteTensor()]
     norm = normalizer()
 
     def run(pils):
@@ -77,8 +76,7 @@ def pil_pipeline(size):
 def batched_pipeline(size, erasing=False):
     "Per batch: uint8 -> float, one affine resampling (crop + flip + rotate), lighting, normalise (and erasing)."
     from dlcourse.augment import AffineAugment, BatchErasing, BatchLighting
-    from dlcourse.datablock import compose
-    from dlcourse.datablock import ToFloatTensor
+    from dlcourse.datablock import ToFloatTensor, compose
     tfms = [ToFloatTensor(), AffineAugment(size, crop_scale=(0.35, 1.), max_rotate=10., max_zoom=1., p=1.),
             BatchLighting(0.2, 0.3, p=1.), normalizer()]
     if erasing:

@@ -6,7 +6,7 @@ aspect ratio 3/4-4/3), random horizontal flip, collate into a batch, convert to 
 training images of imagenette2-128 (found through DLCOURSE_DATA and extracted into the cache by
 `dlcourse.datasets.imagenette(128)`).
 
-- per_item: `ItemDataLoader` over `LabeledData` with OpenImage + ItemRandomResizedCrop + ToByteTensor, --workers
+- per_item: `ItemDataLoader` over `LabeledData` with OpenImage + PilRandomResizedCrop + ToByteTensor, --workers
   worker processes, uint8 collate, float conversion in the main process.
 - cached: `image_cache` (a memory-mapped uint8 tensor, built once; its build time is reported separately) and
   `DeviceLoader` with ToFloatTensor + BatchRandomResizedCrop on the default device.
@@ -51,16 +51,17 @@ def measure(loader, n_batches, to_float=None):
 
 def dlcourse_per_item(files, labels, args):
     from dlcourse.datablock import ItemDataLoader, ItemList, LabeledData, OpenImage, ToByteTensor
-    from dlcourse.datasets import ItemRandomResizedCrop
-    tfms = [OpenImage(), ItemRandomResizedCrop(args.size, scale=(0.35, 1.)), ToByteTensor()]
+    from dlcourse.augment import PilRandomResizedCrop
+    tfms = [OpenImage(), PilRandomResizedCrop(args.size, scale=(0.35, 1.)), ToByteTensor()]
     ds = LabeledData(ItemList(files, tfms=tfms), ItemList(labels))
     dl = ItemDataLoader(ds, args.bs, shuffle=True, num_workers=args.workers, persistent_workers=args.workers > 0)
     return lambda: measure(dl, args.batches, to_float=lambda xb: xb.float().div_(255.))
 
 
 def dlcourse_cached(files, labels, args):
+    from dlcourse.augment import BatchRandomResizedCrop
     from dlcourse.datablock import ToFloatTensor
-    from dlcourse.datasets import BatchRandomResizedCrop, DeviceLoader, image_cache
+    from dlcourse.fastdata import DeviceLoader, image_cache
     start = time.perf_counter()
     images = image_cache(files, args.size, name="imagenette2-128-train", progress=False)  # shared with cached_dataloaders
     print(json.dumps({"path": "cached", "cache_ready_s": round(time.perf_counter() - start, 2),

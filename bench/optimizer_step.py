@@ -41,7 +41,7 @@ CONTENDERS = {
     # name: (constructor, baseline name or None)
     "torch.optim.AdamW(foreach)": (lambda ps: torch.optim.AdamW(ps, lr=1e-3, betas=(0.9, 0.999), eps=1e-8,
                                                                 weight_decay=1e-2, foreach=True), None),
-    "dlcourse.Adam": (lambda ps: Adam(ps, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=1e-2, wd_bn_bias=True),
+    "dlcourse.Adam": (lambda ps: Adam(ps, lr=1e-3, mom=0.9, sqr_mom=0.999, eps=1e-8, wd=1e-2),
                       "torch.optim.AdamW(foreach)"),
     "torch.optim.SGD(foreach)": (lambda ps: torch.optim.SGD(ps, lr=1e-2, momentum=0.9, foreach=True), None),
     "dlcourse.SGD": (lambda ps: SGD(ps, lr=1e-2, mom=0.9), "torch.optim.SGD(foreach)"),

@@ -22,7 +22,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 from dlcourse.core import find_data, set_seed  # noqa: E402
 from dlcourse.fp16 import AMP, ChannelsLast, MixedPrecision  # noqa: E402
-from dlcourse.learner import Callback, DataLoaders, Learner  # noqa: E402
+from dlcourse.learner import ORDER, Callback, DataLoaders, Learner  # noqa: E402
 
 SETTINGS = ("fp32", "fp16_scratch", "amp_fp16", "amp_bf16")
 LABELS = {"fp32": "FP32", "fp16_scratch": "FP16 from scratch", "amp_fp16": "AMP FP16", "amp_bf16": "AMP BF16"}
@@ -110,7 +110,7 @@ class RepeatBatch:
 
 class StepTimer(Callback):
     """Times the training steps after the first `warmup` ones (synchronising the GPU at both ends)."""
-    order = 200
+    order = ORDER["timer"]  # the clock starts before the other callbacks' before_batch
 
     def __init__(self, warmup:int):
         self.warmup = warmup

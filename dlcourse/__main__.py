@@ -6,10 +6,9 @@
 __all__ = []
 
 # %% ../nbs/14_main.ipynb #d20eb4b0
-#| eval: false
 import sys
 
 from .cli import main
 
-if __name__ == "__main__":
+if __name__ == "__main__" and "IPython" not in sys.modules:  # a notebook runs this cell as __main__ too
     sys.exit(main())

@@ -6,7 +6,7 @@
 __all__ = ['IMAGE_EXTENSIONS', 'get_files', 'Transform', 'compose', 'ItemList', 'ImageList', 'ImageLoadError', 'to_rgb',
            'load_image', 'verify_images', 'func_splitter', 'grandparent_splitter', 'random_splitter', 'SplitData',
            'parent_label', 'RegexLabeller', 'Processor', 'CategoryProcessor', 'ItemError', 'LabeledData', 'label_split',
-           'OpenImage', 'ResizeFixed', 'ToByteTensor', 'ToFloatTensor', 'Normalize', 'channel_stats', 'collate_items',
+           'OpenImage', 'ResizeFixed', 'ToByteTensor', 'ToFloatTensor', 'Normalize', 'dataset_stats', 'collate_items',
            'ItemDataLoader', 'item_dataloaders', 'show_images', 'show_batch', 'class_counts', 'plot_class_balance',
            'empty_class_folders', 'image_folder_dls']
 
@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
+from .core import channel_stats, progress_bar
 from .learner import DataLoaders
 
 # %% ../nbs/04_datablock.ipynb #f4e259d6
@@ -218,14 +219,13 @@ def _check_image(path:Path) -> str|None:
 
 def verify_images(paths:Iterable[str|Path], # the image files to check
                   progress:bool=True, # show a progress bar
-                  n_threads:int|None=None # decoding threads (default: one per CPU core)
+                  num_workers:int|None=None # decoding threads (default: one per CPU core)
                  ) -> dict[Path, str]:
     "Decode every file; return {path: reason} for those that fail."
-    from tqdm.auto import tqdm
     paths = [Path(p) for p in paths]
-    with ThreadPoolExecutor(n_threads or os.cpu_count()) as pool:
-        results = list(tqdm(pool.map(_check_image, paths), total=len(paths), desc="verifying images",
-                            **({} if progress else {"disable": True}), leave=False))
+    with ThreadPoolExecutor(num_workers or os.cpu_count()) as pool:
+        results = list(progress_bar(pool.map(_check_image, paths), show=progress, total=len(paths),
+                                    desc="verifying images", leave=False))
     return {p: r for p, r in zip(paths, results) if r is not None}
 
 # %% ../nbs/04_datablock.ipynb #15a7e49b
@@ -446,15 +446,13 @@ class Normalize(Transform):
         return x * self.std.to(x.device) + self.mean.to(x.device)
 
 # %% ../nbs/04_datablock.ipynb #0ec517dd
-def channel_stats(ds:LabeledData, # a training dataset whose items are float tensors (3, h, w)
+def dataset_stats(ds:LabeledData, # a training dataset whose items are float tensors (3, h, w)
                   n:int=512, # how many items to sample (all if fewer)
                   seed:int=0 # which sample
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    "Per-channel mean and standard deviation of the pixels of `n` random items of `ds`."
+    "Per-channel mean and standard deviation (`channel_stats`) of the pixels of `n` random items of `ds`."
     idxs = random.Random(seed).sample(range(len(ds)), min(n, len(ds)))
-    xb = torch.stack([ds[i][0] for i in idxs])  # (n, 3, h, w)
-    pixels = xb.transpose(0, 1).reshape(xb.shape[1], -1)  # (3, n*h*w)
-    return pixels.mean(dim=1), pixels.std(dim=1)
+    return channel_stats(torch.stack([ds[i][0] for i in idxs]))  # (n, 3, h, w) -> (3,), (3,)
 
 # %% ../nbs/04_datablock.ipynb #25d25deb
 def collate_items(batch:list):
@@ -482,9 +480,12 @@ def item_dataloaders(train_ds, valid_ds=None,
                      bs:int=64, # training batch size
                      valid_bs:int|None=None, # validation batch size (default: 2 * bs)
                      num_workers:int=0, # worker processes per loader
+                     drop_last:bool=False, # the training loader skips a last, smaller batch
                      **kwargs) -> DataLoaders: # passed on to both loaders (pin_memory, persistent_workers...)
     "`DataLoaders` of two `ItemDataLoader`s: train shuffled, valid in order with a larger batch."
-    return DataLoaders.from_datasets(train_ds, valid_ds, bs, valid_bs, num_workers, loader_cls=ItemDataLoader, **kwargs)
+    train = ItemDataLoader(train_ds, bs, shuffle=True, num_workers=num_workers, drop_last=drop_last, **kwargs)
+    valid = None if valid_ds is None else ItemDataLoader(valid_ds, valid_bs or 2 * bs, num_workers=num_workers, **kwargs)
+    return DataLoaders(train, valid)
 
 # %% ../nbs/04_datablock.ipynb #991a9576
 def show_images(images:torch.Tensor, # (n, 3, h, w) floats in [0, 1], or uint8
@@ -580,6 +581,7 @@ def image_folder_dls(path:str|Path, # folder with train_name/<class>/<image> and
                      stats:tuple|None=None, # (mean, std) per channel; default: computed on training images
                      extra_tfms:Iterable[Callable]=(), # more item transforms (e.g. augmentation), placed by `order`
                      progress:bool=True, # progress bar while checking images
+                     drop_last:bool=False, # the training loader skips a last, smaller batch
                      **kwargs) -> DataLoaders: # passed on to the loaders
     "Image classification `DataLoaders` from a folder of class folders, split by folder name."
     if bad_images not in ("raise", "skip"):
@@ -595,7 +597,7 @@ def image_folder_dls(path:str|Path, # folder with train_name/<class>/<image> and
     data = label_split(split, parent_label)
     base = [OpenImage(), ResizeFixed(size), ToByteTensor(), ToFloatTensor(), *extra_tfms]
     data.train.x.tfms, data.valid.x.tfms = list(base), list(base)
-    mean, std = channel_stats(data.train) if stats is None else stats
+    mean, std = dataset_stats(data.train) if stats is None else stats
     for part in (data.train, data.valid):
         part.x.tfms.append(Normalize(mean, std))
-    return item_dataloaders(data.train, data.valid, bs, valid_bs, num_workers, **kwargs)
+    return item_dataloaders(data.train, data.valid, bs, valid_bs, num_workers, drop_last=drop_last, **kwargs)

@@ -5,14 +5,13 @@
 # %% auto #0
 __all__ = ['LAUNCH_VARS', 'is_distributed_launch', 'get_rank', 'get_world_size', 'is_main_process', 'distributed_device',
            'init_distributed', 'destroy_distributed', 'main_process_first', 'ShardSampler', 'ShardedDeviceLoader',
-           'shard_loader', 'to_sync_batchnorm', 'undo_sync_batchnorm', 'all_reduce_mean', 'DistributedCB']
+           'shard_loader', 'to_sync_batchnorm', 'undo_sync_batchnorm', 'all_reduce_mean', 'DistributedTraining']
 
 # %% ../nbs/12_distributed.ipynb #2522a7ce
 import atexit
 import datetime
 import math
 import os
-import sys
 from contextlib import contextmanager
 
 import torch
@@ -23,8 +22,8 @@ from torch.utils.data import DataLoader, DistributedSampler, IterableDataset, Ra
 
 from .core import default_device
 from .datablock import compose
-from .datasets import DeviceLoader
-from .learner import Callback, CancelFitException, DataLoaders, ProgressCB, _batch_size
+from .fastdata import DeviceLoader
+from .learner import ORDER, Callback, DataLoaders, ProgressBar
 
 # %% ../nbs/12_distributed.ipynb #070519aa
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -233,22 +232,22 @@ def all_reduce_mean(values:dict, # name -> this rank's mean
     return {k: s / max(total, 1) for k, s in zip(names, sums[:-1].tolist())}
 
 # %% ../nbs/12_distributed.ipynb #3368827a
-class DistributedCB(Callback):
+class DistributedTraining(Callback):
     "Data-parallel training with PyTorch DDP when launched by `torchrun`; does nothing in a plain process."
-    order = 90  # after the callbacks that change the model in before_fit (AMP, MixedPrecision, ChannelsLast: 80-81)
+    order = ORDER["distributed"]  # before_fit before the rank-0-only callbacks' own; DDP itself waits for before_train
 
     def __init__(self, sync_bn:bool=False, # convert BatchNorm layers to SyncBatchNorm during the fit (GPUs only)
                  seed:int=0, # the shuffling seed of the training shards (must be the same on every rank)
                  backend:str|None=None, # default: 'nccl' on GPUs, 'gloo' on the CPU
-                 main_only:tuple=(ProgressCB,), # callbacks for rank 0 only (and any with `main_process_only = True`)
+                 main_only:tuple=(ProgressBar,), # callbacks for rank 0 only (and any with `main_process_only = True`)
                  timeout_s:float|None=None, # give up on a collective after this long (default: PyTorch's)
                  **ddp_kwargs): # passed to `DistributedDataParallel` (find_unused_parameters, bucket_cap_mb, ...)
         self.sync_bn, self.seed, self.backend, self.main_only = sync_bn, seed, backend, tuple(main_only)
         self.timeout_s, self.ddp_kwargs = timeout_s, ddp_kwargs
-        self.active, self.epochs_seen, self.count = False, 0, 0
+        self.active, self.epochs_seen = False, 0
 
     def before_fit(self, learn):
-        self.module, self.dls, self.swaps, self.silenced = None, None, [], []
+        self.module, self.ddp, self.dls, self.swaps, self.silenced = None, None, None, [], []
         self.active = dist.is_initialized() or is_distributed_launch()
         if not self.active:
             return
@@ -257,14 +256,10 @@ class DistributedCB(Callback):
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         if self.sync_bn and learn.device.type == "cpu" and self.world_size > 1:
             raise ValueError("sync_bn=True needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
-        self.module = learn.model
-        self.swaps = to_sync_batchnorm(self.module) if self.sync_bn else []
-        device_ids = [learn.device.index] if learn.device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(self.module, device_ids=device_ids, **self.ddp_kwargs)
-        learn.model = self.ddp
-        self.dls, learn.dls = learn.dls, self._sharded(learn.dls)
         self.silenced = [cb for cb in learn.cbs if self._main_only(cb)] if self.rank != 0 else []
-        learn.remove_cbs(self.silenced)
+        learn.remove_cbs(self.silenced)  # before their own before_fit
+        self.dls, learn.dls = learn.dls, self._sharded(learn.dls)
+        learn.recorder.reduce_with(lambda means, count: all_reduce_mean(means, count, learn.device))
 
     def _use_local_gpu(self, learn):
         "On GPUs, train on cuda:LOCAL_RANK (moving the model there if it is elsewhere)."
@@ -292,42 +287,39 @@ class DistributedCB(Callback):
             self.epochs_seen += 1
 
     def before_train(self, learn):
-        self.count = 0
+        if not self.active:
+            return
+        if self.ddp is None:
+            self._wrap(learn)
+        learn.model = self.ddp
+
+    def _wrap(self, learn):
+        "Wrap the model, in its final form (every before_fit has run), in DDP; SyncBatchNorm first if asked."
+        self.module = learn.model
+        self.swaps = to_sync_batchnorm(self.module) if self.sync_bn else []
+        device_ids = [learn.device.index] if learn.device.type == "cuda" else None
+        self.ddp = DistributedDataParallel(self.module, device_ids=device_ids, **self.ddp_kwargs)
 
     def before_validate(self, learn):
-        self.count = 0
-        if self.active:
-            for buffer in self.module.buffers():  # BatchNorm statistics: rank 0's, on every rank
-                dist.broadcast(buffer, src=0)
-            learn.model = self.module
-
-    def after_batch(self, learn):
-        if learn.loss is not None:
-            self.count += _batch_size(learn.yb)
-
-    def after_train(self, learn):
-        if self.active:
-            row = learn.recorder.row
-            row.update(all_reduce_mean({"train_loss": row["train_loss"]}, self.count, learn.device))
-
-    def after_validate(self, learn):
-        if self.active:
-            learn.model = self.ddp
-            learn.recorder.valid_results = all_reduce_mean(learn.recorder.valid_results, self.count, learn.device)
+        if self.module is None:
+            return
+        for buffer in self.module.buffers():  # BatchNorm statistics: rank 0's, on every rank
+            dist.broadcast(buffer, src=0)
+        learn.model = self.module
 
     def after_fit(self, learn):
         if not self.active:
             return
         self.active = False
-        error = sys.exc_info()[0]  # after_fit runs in the Learner's `finally`: is an exception on its way out?
         try:
             self._restore(learn)
         finally:
-            if error is not None and not issubclass(error, CancelFitException):
-                destroy_distributed()  # this process is going down: leave the group now
+            if learn.error is not None:  # an error ends the fit: this process is going down, leave the group now
+                destroy_distributed()
 
     def _restore(self, learn):
-        "Give the learner back its plain model, its own loaders and its rank-0-only callbacks."
+        "Give the learner back its plain model, its own loaders, its rank-0-only callbacks and the Recorder's own means."
+        learn.recorder.reduce_with(None)
         undo_sync_batchnorm(self.swaps)
         if self.module is not None:
             learn.model = self.module

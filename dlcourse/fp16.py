@@ -7,12 +7,14 @@ __all__ = ['PRECISIONS', 'model_to_half', 'grads_finite', 'swap_optimizer_params
            'model_to_channels_last', 'batch_to_channels_last', 'ChannelsLast', 'AMP']
 
 # %% ../nbs/08_fp16.ipynb #91d07c55
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .core import apply_to_tensors
-from .learner import Callback, CancelBatchException
+from .learner import ORDER, Callback
 
 # %% ../nbs/08_fp16.ipynb #dead2034
 def model_to_half(model:nn.Module,
@@ -65,16 +67,14 @@ def _restore_unchanged(model:nn.Module, originals:dict, dtype:torch.dtype):
         else:
             setattr(module, attr, original)
 
-def _epoch_report(learn, cb, skipped_before:int, scale:float):
-    "Add this epoch's skipped steps and the current loss scale to the Recorder's row (shown in the epoch table)."
-    recorder = getattr(learn, "recorder", None)
-    if recorder is not None and hasattr(recorder, "row"):
-        recorder.row["skipped"] = cb.skipped_steps - skipped_before
-        recorder.row["loss_scale"] = scale
+def _log_scaling(learn, skipped:int, scale:float):
+    "Add the epoch's skipped steps and the current loss scale to the Recorder's row (shown in the epoch table)."
+    learn.recorder.log("skipped", skipped)
+    learn.recorder.log("loss_scale", scale)
 
 class MixedPrecision(Callback):
     "Mixed precision from scratch: FP16 model (BatchNorm in FP32), FP32 master weights, FP32 loss, loss scaling."
-    order = 80
+    order = ORDER["precision"]
 
     def __init__(self, loss_scale:float=2. ** 16, # initial (or, with dynamic=False, fixed) loss scale
                  dynamic:bool=True, # halve the scale and skip the step on overflow, double it after `growth_interval` clean steps
@@ -110,43 +110,40 @@ class MixedPrecision(Callback):
         if self.active:
             learn.preds = _cast_floats(learn.preds, torch.float32)
 
-    def after_loss(self, learn):
-        if self.active and learn.training:
-            self.loss = learn.loss
-            learn.loss = learn.loss * self.scale
-
-    def after_backward(self, learn):
-        if not self.active:
-            return
-        learn.loss = self.loss.detach()  # the Recorder logs the true loss
+    def backward(self, learn):
+        "Backward of the scaled FP32 loss; then the FP16 gradients, unscaled, into the FP32 masters."
         self.scales.append(self.scale)
+        (learn.loss.float() * self.scale).backward()
         self._grads_to_master()
-        if grads_finite(self.master_params):
-            return
-        self._zero_grads()
-        self.skipped_steps += 1
-        self.clean_steps = 0
-        if self.dynamic:
-            self.scale /= self.factor
-        raise CancelBatchException()  # skip this step
 
     def _grads_to_master(self):
-        "Unscale the FP16 gradients into FP32 gradients of the master copies."
+        "Unscale the FP16 gradients into FP32 gradients of the master copies (the model's are dropped)."
         for model_p, master_p in zip(self.model_params, self.master_params):
             master_p.grad = None if model_p.grad is None else model_p.grad.detach().float().div_(self.scale)
+            model_p.grad = None
 
-    def _zero_grads(self):
-        "Drop the gradients of the model and of the master copies."
-        for model_p, master_p in zip(self.model_params, self.master_params):
-            model_p.grad, master_p.grad = None, None
+    def opt_step(self, learn):
+        "Step the masters and copy them into the FP16 model if every gradient is finite; else skip the step."
+        finite = grads_finite(self.master_params)
+        if finite:
+            learn.opt.step()
+            self._master_to_model()
+        self._update_scale(finite)
 
-    def after_step(self, learn):
-        if not self.active:
-            return
+    def _master_to_model(self):
+        "Copy the FP32 master weights into the model's parameters (rounded to the model's dtype)."
         with torch.no_grad():
             for model_p, master_p in zip(self.model_params, self.master_params):
                 model_p.copy_(master_p)
-                model_p.grad = None
+
+    def _update_scale(self, finite:bool):
+        "Count the step; halve the scale after an overflow, double it after `growth_interval` clean steps (if dynamic)."
+        if not finite:
+            self.skipped_steps += 1
+            self.clean_steps = 0
+            if self.dynamic:
+                self.scale /= self.factor
+            return
         self.steps += 1
         self.clean_steps += 1
         if self.dynamic and self.clean_steps >= self.growth_interval:
@@ -155,17 +152,16 @@ class MixedPrecision(Callback):
 
     def after_train(self, learn):
         if self.active:
-            _epoch_report(learn, self, self.skipped_at_start, self.scale)
+            _log_scaling(learn, self.skipped_steps - self.skipped_at_start, self.scale)
 
     def after_fit(self, learn):
         if not self.active:
             return
         learn.model.float()
         _restore_unchanged(learn.model, self.originals, self.dtype)
-        with torch.no_grad():
-            for model_p, master_p in zip(self.model_params, self.master_params):
-                model_p.copy_(master_p)  # exact FP32 weights, not the FP16 rounding
-                model_p.grad = None
+        self._master_to_model()  # exact FP32 weights, not the FP16 rounding
+        for model_p in self.model_params:
+            model_p.grad = None  # an error inside the backward step may have left FP16 gradients
         swap_optimizer_params(learn.opt, dict(zip(self.master_params, self.model_params)))
         self.active = False
 
@@ -201,7 +197,7 @@ def batch_to_channels_last(batch):
 
 class ChannelsLast(Callback):
     "Train with the model and the 4-d input batches in channels_last memory format."
-    order = 81  # after MixedPrecision's cast of the batch
+    order = ORDER["channels_last"]  # after MixedPrecision's cast of the batch
 
     def before_fit(self, learn):
         model_to_channels_last(learn.model)
@@ -212,7 +208,7 @@ class ChannelsLast(Callback):
 # %% ../nbs/08_fp16.ipynb #73f708e6
 class AMP(Callback):
     "Automatic mixed precision with `torch.autocast`: BF16, or FP16 with a `GradScaler`; optionally channels_last."
-    order = 80
+    order = ORDER["precision"]
 
     def __init__(self, precision:str="auto", # 'auto', 'fp32', 'bf16' or 'fp16' (see `resolve_precision`)
                  channels_last:bool=False, # store the model and 4-d batches channels_last
@@ -221,15 +217,18 @@ class AMP(Callback):
         resolve_precision(precision, "cpu")  # check the name now, not at fit time
         self.requested, self.channels_last = precision, channels_last
         self.init_scale, self.growth_interval = init_scale, growth_interval
-        self.active, self.autocast, self.skipped_steps, self.steps, self.scaler = False, None, 0, 0, None
+        self.active, self.unscaled, self.skipped_steps, self.steps = False, False, 0, 0
+        self.scaler, self.scaler_device = None, None
 
     def before_fit(self, learn):
         self.device_type = learn.device.type
         self.precision = resolve_precision(self.requested, learn.device)
         self.dtype = _DTYPES[self.precision]
-        if self.scaler is None or self.scaler._device != self.device_type:  # keep the scale from one fit to the next
+        if self.scaler is None or self.scaler_device != self.device_type:  # keep the scale from one fit to the next
             self.scaler = torch.amp.GradScaler(self.device_type, init_scale=self.init_scale,
                                                growth_interval=self.growth_interval, enabled=self.precision == "fp16")
+            self.scaler_device = self.device_type
+        self.last_scale = self.scale
         if self.channels_last:
             model_to_channels_last(learn.model)
         self.active = True
@@ -243,53 +242,63 @@ class AMP(Callback):
         self.skipped_at_start = self.skipped_steps
 
     def before_batch(self, learn):
-        if not self.active:
-            return
-        if self.channels_last:
+        if self.active and self.channels_last:
             learn.xb = batch_to_channels_last(learn.xb)
-        if self.dtype is not None:
-            self.autocast = torch.autocast(self.device_type, dtype=self.dtype)
-            self.autocast.__enter__()
 
-    def _leave_autocast(self):
-        "Exit the autocast region if we are in one."
-        if self.autocast is not None:
-            self.autocast.__exit__(None, None, None)
-            self.autocast = None
+    def _autocast(self):
+        "The autocast region for the forward pass and the loss (none in FP32, or outside a fit)."
+        if not self.active or self.dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
 
-    def after_loss(self, learn):
-        self._leave_autocast()
-        if self.active and learn.training and self.scaler.is_enabled():
-            self.loss = learn.loss
-            learn.loss = self.scaler.scale(learn.loss)
+    def forward(self, learn):
+        "The Learner's forward pass, under autocast."
+        with self._autocast():
+            learn.forward()
 
-    def after_backward(self, learn):
-        if not (self.active and self.scaler.is_enabled()):
-            return
-        learn.loss = self.loss.detach()  # the Recorder logs the true loss
+    def compute_loss(self, learn):
+        "The Learner's loss, under autocast."
+        with self._autocast():
+            learn.compute_loss()
+
+    def backward(self, learn):
+        "Backward of the scaled loss, then the gradients unscaled in place (after_backward callbacks see the true ones)."
+        self.scaler.scale(learn.loss).backward()
         self.scaler.unscale_(learn.opt)
-        if grads_finite(p for group in learn.opt.param_groups for p in group["params"]):
-            return
-        learn.opt.zero_grad()
-        self.scaler.update()  # halves the scale: unscale_ recorded the inf
-        self.skipped_steps += 1
-        raise CancelBatchException()  # skip this step
+        self.unscaled = True
 
-    def after_step(self, learn):
-        if self.active:
+    def opt_step(self, learn):
+        "The optimizer step (which the scaler skips if a gradient is inf or NaN), then the scale's update."
+        self.scaler.step(learn.opt)
+        self.scaler.update()
+        self.unscaled = False
+        self._count_step()
+
+    def _count_step(self):
+        "Count the step as skipped if `update` lowered the scale (it does only after an overflow), else as taken."
+        scale = self.scale  # one host-device synchronisation per step with a scaler, none without
+        if scale < self.last_scale:
+            self.skipped_steps += 1
+        else:
             self.steps += 1
-        if self.active and self.scaler.is_enabled():
+        self.last_scale = scale
+
+    def _finish_iteration(self):
+        "`update` the scaler when a batch ended between `unscale_` and the step (cancelled, or an error)."
+        if self.unscaled:
             self.scaler.update()
+            self.unscaled = False
+            self.last_scale = self.scale
 
     def after_batch(self, learn):
-        self._leave_autocast()  # a batch cancelled between before_batch and after_loss
+        self._finish_iteration()
 
     def after_train(self, learn):
         if self.active:
-            _epoch_report(learn, self, self.skipped_at_start, self.scale)
+            _log_scaling(learn, self.skipped_steps - self.skipped_at_start, self.scale)
 
     def after_fit(self, learn):
-        self._leave_autocast()
+        self._finish_iteration()
         self.active = False
 
     def __repr__(self):

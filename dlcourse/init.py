@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .learner import Callback
+from .core import keep_modes
+from .learner import ORDER, Callback
 
 # %% ../nbs/03_hooks_init.ipynb #74046869
 class Hook:
@@ -68,7 +69,7 @@ class Hooks:
 # %% ../nbs/03_hooks_init.ipynb #867696b5
 class ActivationStats(Callback):
     "Record mean, std, near-zero fraction and a histogram of each module's output, per forward pass (a callback or a `with` block)."
-    order = -10  # hooks exist before any other callback runs a forward pass
+    order = ORDER["hooks"]  # hooks exist before any other callback runs a forward pass
 
     def __init__(self, modules, # the modules whose outputs to record (e.g. `find_modules(model, nn.ReLU)`)
                  bins:int=40, # histogram bins
@@ -215,14 +216,9 @@ def model_summary(model:nn.Module, xb:torch.Tensor) -> ModelSummary:
         n_params = 0 if module in seen else sum(p.numel() for p in module.parameters())
         seen.add(module)
         rows.append((names[module] or "(model)", type(module).__name__, _shape(output), n_params))
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
-    try:
-        with Hooks(leaves, record), torch.no_grad():
-            model(xb)
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with keep_modes(model), Hooks(leaves, record), torch.no_grad():
+        model.eval()
+        model(xb)
     params = list(model.parameters())
     return ModelSummary(rows, sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
                         tuple(xb.shape))
@@ -251,11 +247,13 @@ def kaiming_normal_(weight:torch.Tensor, leak:float=0., # the negative slope of 
     with torch.no_grad():
         return weight.normal_(0., std)
 
-def init_kaiming(model:nn.Module, leak:float=0., mode:str="fan_in") -> nn.Module:
-    "Kaiming-initialise the weights of every linear and convolutional layer of `model` and zero their biases."
+def init_kaiming(model:nn.Module, leak:float=0., # the negative slope of the (leaky) ReLU that follows
+                 mode:str="fan_in", # 'fan_in' (forward pass) or 'fan_out' (backward pass)
+                 zero_bias:bool=True) -> nn.Module: # set the biases to zero (False: leave them as they are)
+    "Kaiming-initialise the weight of every linear and convolutional layer of `model` (in place), and zero their biases."
     for layer in find_modules(model, LINEAR_TYPES):
         kaiming_normal_(layer.weight, leak, mode)
-        if layer.bias is not None:
+        if zero_bias and layer.bias is not None:
             nn.init.zeros_(layer.bias)
     return model
 
@@ -345,25 +343,20 @@ def lsuv_init(model:nn.Module, xb:torch.Tensor, # a batch of real inputs (a few 
         return []
     device = next(model.parameters()).device
     xb = xb.to(device)
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     results = []
-    try:
-        with torch.no_grad():
-            order = _run_order(model, layers, xb)
-            for layer in layers:
-                if layer not in order:
-                    warnings.warn(f"lsuv_init: layer {names[layer]} did not run on the batch; left as is")
-            for layer in order:
-                try:
-                    iters, mean, std = _lsuv_layer(model, layer, xb, tol, max_iters)
-                except _CannotRescale as e:  # only this layer's own problem; the model's own errors propagate
-                    warnings.warn(f"lsuv_init: layer {names[layer]} left as is: {e}")
-                    continue
-                results.append(LSUVLayer(names[layer], iters, mean, std))
-                if verbose:
-                    print(f"{names[layer]:>12}  rounds {iters:2d}  mean {mean:+.4f}  std {std:.4f}")
-    finally:
-        for module, training in modes.items():
-            module.training = training
+    with keep_modes(model), torch.no_grad():
+        model.eval()
+        order = _run_order(model, layers, xb)
+        for layer in layers:
+            if layer not in order:
+                warnings.warn(f"lsuv_init: layer {names[layer]} did not run on the batch; left as is")
+        for layer in order:
+            try:
+                iters, mean, std = _lsuv_layer(model, layer, xb, tol, max_iters)
+            except _CannotRescale as e:  # only this layer's own problem; the model's own errors propagate
+                warnings.warn(f"lsuv_init: layer {names[layer]} left as is: {e}")
+                continue
+            results.append(LSUVLayer(names[layer], iters, mean, std))
+            if verbose:
+                print(f"{names[layer]:>12}  rounds {iters:2d}  mean {mean:+.4f}  std {std:.4f}")
     return results

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .learner import Callback
+from .learner import ORDER, Callback
 
 # %% ../nbs/07_mixup_label_smoothing.ipynb #d1c1f4de
 _REDUCTIONS = ("mean", "sum", "none")
@@ -108,7 +108,7 @@ def mix_losses(loss_func, # a function with a `reduction` argument, or a module 
 # %% ../nbs/07_mixup_label_smoothing.ipynb #997c55d2
 class MixCallback(Callback):
     "Base of `MixUp` and `CutMix`: mixes each training batch, and trains on the matching mix of losses."
-    order = 20  # before_batch after lower-order batch transforms (normalisation, augmentation)
+    order = ORDER["mixup"]  # before_batch after lower-order batch transforms (normalisation, augmentation)
     loss_func = None  # the Learner's own loss function, held during a fit
 
     def mix(self, xb:torch.Tensor, yb:torch.Tensor):

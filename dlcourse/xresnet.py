@@ -11,6 +11,8 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .init import init_kaiming
+
 # %% ../nbs/09_xresnet.ipynb #82430a6e
 def conv_bn(ni:int, nf:int, # input and output channels
             ks:int=3, # kernel size
@@ -53,14 +55,6 @@ class ResBlock(nn.Module):
         return self.act(self.convs(x) + self.idconv(self.pool(x)))
 
 # %% ../nbs/09_xresnet.ipynb #49960d42
-def _init_weights(module:nn.Module):
-    "Kaiming-normal (fan-in) init for convolutions and linear layers; biases to zero."
-    for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
 class XResNet(nn.Sequential):
     "ResNet with the bag-of-tricks changes (3x3 stem, stride on the 3x3, pooled shortcut, zero-init last BN)."
     def __init__(self, expansion:int, # 1 for basic blocks, 4 for bottlenecks
@@ -80,9 +74,7 @@ class XResNet(nn.Sequential):
             ni = nh * expansion
         super().__init__(*stem, nn.MaxPool2d(3, stride=2, padding=1), *stages,
                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(ni, n_out))
-        for m in self.modules():  # Kaiming init everywhere, keeping the zero-initialised BatchNorm scales
-            if isinstance(m, (nn.Conv2d, nn.Linear)):
-                _init_weights(m)
+        init_kaiming(self)  # every conv and linear weight (fan-in, ReLU gain); the BatchNorm scales stay as conv_bn set them
 
     def __getitem__(self, idx):
         "A layer, or for a slice a plain `nn.Sequential` of the same layer objects (`model[:-3]` is the body)."

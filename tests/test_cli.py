@@ -59,12 +59,14 @@ def test_train_tiny_writes_every_output(dlcourse, tmp_path):
 def check_weights(path, results):
     """The weights file loads into a fresh model of the run's architecture, and predicts what the run measured."""
     import torch
-    from dlcourse.train import TrainConfig, make_dls, make_model, resolve_data
+    from dlcourse.datasets import resolve_data
+    from dlcourse.train import TrainConfig, make_dls, make_model
     from dlcourse.transfer import load_weights
     from safetensors import safe_open
     with safe_open(path, "pt") as f:
         meta = f.metadata()
     assert meta["arch"] == "xresnet18" and json.loads(meta["classes"]) == results["classes"]
+    assert {k: v for k, v in meta.items() if k in results["settings"]} == {k: str(v) for k, v in results["settings"].items()}
     model = make_model(TrainConfig(), len(results["classes"]))
     load_weights(model, path)
     cfg = TrainConfig(size=32, bs=32, progress=False)
@@ -76,24 +78,45 @@ def check_weights(path, results):
 
 
 def test_help_explains_every_flag(dlcourse):
+    """Every TrainConfig field is a flag, with the field's help and default; plus --out and the --no-x switches."""
+    from dataclasses import fields
+    from dlcourse.train import TrainConfig
     proc = dlcourse("train", "--help")
     assert proc.returncode == 0, proc.stderr
-    for flag in ["--data", "--arch", "--size", "--epochs", "--bs", "--lr", "--opt", "--wd", "--mixup",
-                 "--label-smoothing", "--precision", "--device", "--workers", "--seed", "--compile", "--out",
-                 "--no-progress"]:
+    text = " ".join(proc.stdout.split())
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in proc.stdout, flag
+        assert " ".join(f.metadata["help"].split()) in text, f.name
+    for flag in ["--out", "--no-progress", "--no-compile", "--channels-last {auto,on,off}", "--num-workers"]:
         assert flag in proc.stdout, flag
     assert "auto" in proc.stdout and "bf16" in proc.stdout  # the precision choices
-    assert "image size in pixels (train and validation) (default: 64)" in " ".join(proc.stdout.split())  # defaults shown
+    assert "image size in pixels (train and validation) (default: 64)" in text  # defaults shown
+
+
+def test_flags_make_the_config():
+    """Parsing the flags gives the TrainConfig they name; no flag gives the defaults."""
+    from dlcourse.cli import config_from_args, make_parser
+    from dlcourse.train import TrainConfig
+    parser = make_parser()
+    assert config_from_args(parser.parse_args(["train"])) == TrainConfig()
+    args = parser.parse_args(["train", "--num-workers", "2", "--channels-last", "off", "--compile", "--no-progress",
+                              "--label-smoothing", "0", "--opt", "ranger"])
+    assert config_from_args(args) == TrainConfig(num_workers=2, channels_last=False, compile=True, progress=False,
+                                                 label_smoothing=0., opt="ranger")
 
 
 @pytest.mark.parametrize("args, words", [
     (["--epochs", "0"], ["--epochs", "must be >= 1"]),
     (["--bs", "1"], ["--bs", "must be >= 2"]),
     (["--lr", "fast"], ["--lr", "'fast' is not a number"]),
-    (["--arch", "resnet9"], ["--arch", "invalid choice"]),
-    (["--precision", "fp8"], ["--precision", "invalid choice"]),
+    (["--arch", "resnet9"], ["--arch", "must be one of xresnet18", "'resnet9'"]),
+    (["--precision", "fp8"], ["--precision", "must be one of auto, fp32, bf16, fp16"]),
     (["--device", "gpu"], ["--device", "'gpu'"]),
     (["--label-smoothing", "1.5"], ["--label-smoothing", "<= 0.99"]),
+    (["--num-workers", "-1"], ["--num-workers", "must be >= 0"]),
+    (["--channels-last", "yes"], ["--channels-last", "'yes' is not one of auto, on, off"]),
+    (["--workers", "2"], ["unrecognized arguments: --workers"]),
     (["--no-such-flag"], ["unrecognized arguments"]),
 ])
 def test_bad_arguments(dlcourse, tmp_path, args, words):
@@ -162,7 +185,7 @@ def test_archives_with_same_name_and_size_extract_apart(tmp_path, monkeypatch):
     import os
     import tarfile
     monkeypatch.setenv("DLCOURSE_CACHE", str(tmp_path / "cache"))
-    from dlcourse.train import _extract_once
+    from dlcourse.datasets import extract_once
     archives = []
     for folder, content in (("a", b"first"), ("b", b"other")):
         (tmp_path / folder).mkdir()
@@ -174,8 +197,8 @@ def test_archives_with_same_name_and_size_extract_apart(tmp_path, monkeypatch):
         os.utime(archive, ns=(1_700_000_000 * 10**9, 1_700_000_000 * 10**9))
         archives.append(archive)
     assert archives[0].stat().st_size == archives[1].stat().st_size
-    out_a, out_b = (_extract_once(a) for a in archives)
+    out_a, out_b = (extract_once(a) for a in archives)
     assert (out_a / "ds" / "x.txt").read_bytes() == b"first"
     assert (out_b / "ds" / "x.txt").read_bytes() == b"other"
-    assert _extract_once(archives[0]) == out_a  # extracted once, then reused
+    assert extract_once(archives[0]) == out_a  # extracted once, then reused
     assert not list(out_a.parent.glob("*.part"))

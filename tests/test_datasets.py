@@ -1,4 +1,5 @@
-"""What the data notebooks cannot hold well: real HTTP downloads from a local server, malicious archives, worker processes."""
+"""What the data notebooks cannot hold well: real HTTP downloads from a local server, malicious archives, worker processes,
+and the fast path together with the augmentation of a later notebook."""
 import functools
 import hashlib
 import http.server
@@ -183,3 +184,54 @@ def test_image_folder_dls_with_workers_trains_and_skips(tmp_path):
     ys = torch.cat([yb for _, yb in dls.valid])
     assert ys.tolist() == [0] * 4 + [1] * 4
     assert sum(len(yb) for _, yb in dls.train) == 16
+
+
+def test_get_dataset_unknown_name_lists_the_known_ones():
+    with pytest.raises(ValueError, match="unknown dataset 'nope'; known: imagenette2, .*fashion-mnist"):
+        get_dataset("nope")
+
+
+def test_cached_dataloaders_with_the_augmentation_crop(tmp_path):
+    """The fast path's training loader takes the augmentation notebook's batch crop, and drop_last, from the caller."""
+    from dlcourse.augment import BatchRandomResizedCrop
+    from dlcourse.fastdata import cached_dataloaders
+    dls = cached_dataloaders(tiny_imagenette(), size=64, bs=32, valid_name="val", device="cpu", cache=tmp_path,
+                             train_tfms=[BatchRandomResizedCrop(48)], drop_last=True, progress=False, num_workers=2)
+    assert (len(dls.train), len(dls.valid)) == (240 // 32, 2)
+    assert [type(t).__name__ for t in sorted(dls.train.batch_tfms, key=lambda t: t.order)] == [
+        "ToFloatTensor", "BatchRandomResizedCrop", "Normalize"]
+    xb, yb = next(iter(dls.train))
+    assert xb.shape == (32, 3, 48, 48) and xb.dtype == torch.float32 and yb.shape == (32,)
+    xv, _ = next(iter(dls.valid))
+    assert xv.shape == (64, 3, 64, 64)  # validation: not cropped
+
+
+def test_fashion_mnist_downloads_when_missing(server, tmp_path, monkeypatch):
+    """With Fashion-MNIST nowhere on disk, `load_fashion_mnist()` downloads the four files (checksums verified) into the
+    cache folder, from a local server standing in for the official one; a second call finds them there."""
+    import shutil
+    from dlcourse import core
+    source_dir = Path("/usr/share/datasets/fashion-mnist")
+    if not source_dir.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist (the files to serve) is not installed")
+    folder, base = server
+    files = []
+    for f in sorted(source_dir.glob("*.gz")):
+        shutil.copy(f, folder / f.name)
+        files.append(RemoteFile(f.name, f"{base}/{f.name}", "md5:" + hashlib.md5(f.read_bytes()).hexdigest()))
+    source = DataSource("fashion-mnist", tuple(files), extract=False)
+    monkeypatch.setitem(DATASETS, "fashion-mnist", source)
+    monkeypatch.setattr(core, "SYSTEM_DATA_DIRS", ())
+    monkeypatch.setenv("DLCOURSE_DATA", str(tmp_path / "empty"))
+    monkeypatch.setenv("DLCOURSE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TQDM_DISABLE", "1")
+    data = core.load_fashion_mnist()
+    assert data["x_train"].shape == (60000, 28, 28) and data["y_valid"].shape == (10000,)
+    assert sorted(p.name for p in (tmp_path / "cache" / "fashion-mnist").iterdir()) == sorted(f.name for f in files)
+    n_requests = len(Handler.requests)
+    assert n_requests == 4
+    core.load_fashion_mnist()
+    assert len(Handler.requests) == n_requests  # found in the cache: nothing downloaded again
+    with pytest.raises(FileNotFoundError):
+        monkeypatch.setenv("DLCOURSE_CACHE", str(tmp_path / "cache2"))
+        core.load_fashion_mnist(download=False)

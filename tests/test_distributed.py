@@ -38,12 +38,14 @@ def make_model(batchnorm:bool=False) -> nn.Module:
 
 
 def device_dls(cache, bs:int):
-    """The tiny sample at 32px as DeviceLoaders on the CPU, without random augmentation (so runs are comparable)."""
-    from dlcourse.datasets import cached_dataloaders, tiny_imagenette
-    dls = cached_dataloaders(tiny_imagenette(), size=32, bs=bs, valid_name="val", device="cpu", cache=cache,
-                             progress=False)
-    dls.train.batch_tfms = list(dls.valid.batch_tfms)  # ToFloatTensor + Normalize: no random crop
-    return dls
+    """The tiny sample at 32px as DeviceLoaders on the CPU, without augmentation (none is asked for: runs are comparable).
+
+    drop_last=True: the training shards are trimmed to a multiple of the world size and the last partial batch is
+    dropped, on each rank and in the single-process reference alike."""
+    from dlcourse.datasets import tiny_imagenette
+    from dlcourse.fastdata import cached_dataloaders
+    return cached_dataloaders(tiny_imagenette(), size=32, bs=bs, valid_name="val", device="cpu", cache=cache,
+                              drop_last=True, progress=False)
 
 
 def tensors(cache):
@@ -76,9 +78,15 @@ def _callbacks():
         def __init__(self, folder, tag):
             self.folder, self.tag = Path(folder), tag
 
-        def after_epoch(self, learn):
+        def _write(self, name):
             self.folder.mkdir(exist_ok=True)
-            (self.folder / f"{self.tag}-rank{get_rank()}-epoch{learn.epoch}.json").write_text("{}")
+            (self.folder / f"{self.tag}-rank{get_rank()}-{name}.json").write_text("{}")
+
+        def before_fit(self, learn):
+            self._write("before_fit")  # on rank 0 only: elsewhere the callback is removed before its before_fit
+
+        def after_epoch(self, learn):
+            self._write(f"epoch{learn.epoch}")
 
     class FailCB(Callback):
         """Raises on `rank`'s third training batch."""
@@ -90,8 +98,7 @@ def _callbacks():
                 raise RuntimeError(f"rank {self.rank} fails on purpose")
 
     class ProbeCB(Callback):
-        """After DistributedCB's clean-up: is the group gone and the model plain again?"""
-        order = 95
+        """After DistributedTraining's clean-up (its order is lower): is the group gone and the model plain again?"""
 
         def __init__(self, out):
             self.out = Path(out)
@@ -104,17 +111,17 @@ def _callbacks():
 
 
 def _fit(name, model, dls, out, epochs=EPOCHS):
-    """Fit under DistributedCB; return what the parent checks (weights, history, printed text, state after fit)."""
+    """Fit under DistributedTraining; return what the parent checks (weights, history, printed text, state after fit)."""
     import torch.distributed as dist
-    from dlcourse.distributed import DistributedCB
+    from dlcourse.distributed import DistributedTraining
     SaveCB, _, _ = _callbacks()
-    learn = learner(model, dls, cbs=[DistributedCB(seed=SEED), SaveCB(Path(out) / "files", name)])
+    learn = learner(model, dls, cbs=[DistributedTraining(seed=SEED), SaveCB(Path(out) / "files", name)])
     printed = io.StringIO()
     with redirect_stdout(printed):
         learn.fit(epochs)
     return {"state": {k: v.clone() for k, v in learn.model.state_dict().items()}, "history": learn.recorder.history,
             "printed": printed.getvalue(), "model": type(learn.model).__name__,
-            "group_initialized": dist.is_initialized(), "has_progress": any(type(cb).__name__ == "ProgressCB"
+            "group_initialized": dist.is_initialized(), "has_progress": any(type(cb).__name__ == "ProgressBar"
                                                                              for cb in learn.cbs)}
 
 
@@ -137,9 +144,9 @@ def worker_train(out, cache):
 
 def worker_fail(out, cache):
     """Rank 1 raises in its third batch while rank 0 waits in the gradient all-reduce."""
-    from dlcourse.distributed import DistributedCB
+    from dlcourse.distributed import DistributedTraining
     _, FailCB, ProbeCB = _callbacks()
-    learn = learner(make_model(), device_dls(cache, BS), cbs=[DistributedCB(), FailCB(rank=1), ProbeCB(out)],
+    learn = learner(make_model(), device_dls(cache, BS), cbs=[DistributedTraining(), FailCB(rank=1), ProbeCB(out)],
                     progress=False)
     learn.fit(EPOCHS)
 
@@ -277,15 +284,15 @@ def test_bn_accuracy_is_rank0_models(run, cache):
 def test_only_rank0_prints_and_writes(run):
     out, (rank0, rank1) = run
     written = sorted(p.name for p in (out / "files").iterdir())
-    expected = sorted(f"{case}-rank0-epoch{e}.json" for case, n in [("device", 2), ("torch", 2), ("bn", 1)]
-                      for e in range(n))
+    expected = sorted(f"{case}-rank0-{name}.json" for case, n in [("device", 2), ("torch", 2), ("bn", 1)]
+                      for name in ["before_fit", *(f"epoch{e}" for e in range(n))])
     assert written == expected
     assert "valid_loss" in rank0["device"]["printed"] and "accuracy" in rank0["device"]["printed"]
     assert rank1["device"]["printed"] == ""
 
 
 def test_learner_restored_after_fit(run):
-    """The model is the plain module again (predict and save work), ProgressCB is back on rank 1, and the process group
+    """The model is the plain module again (predict and save work), ProgressBar is back on rank 1, and the process group
     stays up for the next fit (it is destroyed at exit: re-creating it in the same torchrun process races)."""
     _, ranks = run
     for results in ranks:
@@ -306,13 +313,13 @@ def test_failing_rank_ends_the_launch(cache, tmp_path):
 
 
 def test_no_op_without_launcher(cache, monkeypatch):
-    """In a plain process DistributedCB changes nothing: same model object, same loaders, same results."""
-    from dlcourse.distributed import LAUNCH_VARS, DistributedCB
+    """In a plain process DistributedTraining changes nothing: same model object, same loaders, same results."""
+    from dlcourse.distributed import LAUNCH_VARS, DistributedTraining
     for name in LAUNCH_VARS:
         monkeypatch.delenv(name, raising=False)
     dls = device_dls(cache, BS)
     model = make_model()
-    learn = learner(model, dls, cbs=[DistributedCB()], progress=False)
+    learn = learner(model, dls, cbs=[DistributedTraining()], progress=False)
     learn.fit(1)
     assert learn.model is model and learn.dls is dls
 

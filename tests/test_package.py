@@ -72,3 +72,32 @@ def test_demo_script(run_py, tmp_path):
     assert len(history) == 1 and history[0]["accuracy"] > 0.75
     png = (tmp_path / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def _notebooks():
+    from conftest import ROOT
+    return sorted((ROOT / "nbs").glob("*.ipynb"))
+
+
+@pytest.mark.parametrize("path", _notebooks(), ids=lambda p: p.name)
+def test_notebook_metadata(path):
+    """Every notebook names its kernel (JupyterLab opens it without a "Select Kernel" dialog) and carries no saved widget
+    state (progress-bar widgets are stale the moment the notebook is saved)."""
+    nb = json.loads(path.read_text())
+    assert nb["metadata"].get("kernelspec", {}).get("name") == "python3"
+    assert "widgets" not in nb["metadata"]
+    widget_outputs = [c["id"] for c in nb["cells"] for o in c.get("outputs", [])
+                      if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert widget_outputs == []
+
+
+def test_notebooks_limit_threads_only_under_test():
+    """A reader's kernel keeps all its cores: notebooks cut torch to one thread only when nbdev_test runs them."""
+    import re
+    for path in _notebooks():
+        for cell in json.loads(path.read_text())["cells"]:
+            src = "".join(cell["source"])
+            for match in re.finditer(r"^( *)torch\.set_num_threads\(", src, flags=re.M):
+                before = src[:match.start()]
+                guarded = bool(match.group(1)) and ("IN_TEST" in before or "def " in before)
+                assert guarded, f"{path.name} cell {cell['id']}: torch.set_num_threads outside an IN_TEST guard or function"
