@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DLCOURSE_DATA ?= $(abspath ../shared/data):/usr/share/datasets
 export DLCOURSE_DATA
 
-.PHONY: demo test test-jupyter lab export readme docs dist bench bench-data help fashion-mnist
+.PHONY: demo test test-jupyter lab export readme docs docs-check dist bench bench-data help fashion-mnist
 
 help:
 	@echo 'make demo   create .venv, install dlcourse, run dlcourse train on the bundled tiny Imagenette (outputs in demo_out/)'
@@ -17,6 +17,7 @@ help:
 	@echo "make lab    open the notebooks in JupyterLab"
 	@echo "make export nbdev_clean + nbdev_export + nbdev_readme (run before every commit; README.md comes from nbs/index.ipynb)"
 	@echo "make docs   the documentation site in _docs/ (nbdev_docs; needs Quarto)"
+	@echo "make docs-check  nbdev's docs processing of every notebook, without Quarto"
 	@echo "make dist   the sdist and the wheel in dist/ (python -m build)"
 	@echo "make bench  the benchmarks in bench/ (make bench-data: the data pipeline against fastai, in its own venv)"
 
@@ -66,6 +67,10 @@ readme: $(VENV)/.dev-installed
 
 docs: $(VENV)/.dev-installed
 	$(BIN)/nbdev_docs
+
+# nbdev's docs processing of every notebook, without Quarto (catches cells that break nbdev_docs and nbdev_readme).
+docs-check: $(VENV)/.dev-installed
+	$(BIN)/python tools/check_docs.py
 
 dist: $(VENV)/.dev-installed
 	rm -rf dist
