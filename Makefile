@@ -11,7 +11,7 @@ export DLCOURSE_DATA
 .PHONY: demo test test-jupyter lab export readme docs docs-check lint-workflows dist bench bench-data help fashion-mnist
 
 help:
-	@echo 'make demo   create .venv, install dlcourse, run dlcourse train on the bundled tiny Imagenette (outputs in demo_out/)'
+	@echo 'make demo   create .venv, install dlcourse, train on the bundled tiny Imagenette (a new run folder in demo_out/), predict a few images'
 	@echo "make test   create .venv with dev extras, check notebooks are clean and exported, run nbdev_test + pytest"
 	@echo "make test-jupyter  run every notebook in a real Jupyter kernel (NBS='00_core 09_xresnet' for some, FLAGS=slow for slow cells)"
 	@echo "make lab    open the notebooks in JupyterLab"
@@ -39,8 +39,13 @@ $(VENV)/.dev-installed: $(VENV)/.installed
 fashion-mnist:
 	@tools/ensure_fashion_mnist.sh
 
+# The demo: `dlcourse train` with its defaults on the bundled sample, in a new run folder (no earlier demo is replaced),
+# then `dlcourse predict` on one validation image of each class (the folder names the true class).
+DEMO_RUN := demo_out/run-$(shell date +%Y%m%d-%H%M%S)
+DEMO_IMAGES := $(foreach class,$(sort $(wildcard dlcourse/data/imagenette2-tiny/val/*)),$(firstword $(sort $(wildcard $(class)/*))))
 demo: $(VENV)/.installed
-	$(BIN)/dlcourse train --out demo_out
+	$(BIN)/dlcourse train --out $(DEMO_RUN)
+	$(BIN)/dlcourse predict --model $(DEMO_RUN) $(DEMO_IMAGES)
 
 test: $(VENV)/.dev-installed fashion-mnist
 	$(BIN)/python tools/run_tests.py

@@ -4,12 +4,15 @@
 
 # %% auto #0
 __all__ = ['DATASETS', 'IMAGENETTE_CLASSES', 'VALID_NAMES', 'ChecksumError', 'file_hash', 'check_file', 'download',
-           'UnsafeArchiveError', 'safe_extract', 'RemoteFile', 'DataSource', 'get_dataset', 'imagenette',
-           'fashion_mnist', 'tiny_imagenette', 'fingerprint', 'extract_once', 'dataset_root', 'valid_folder_name',
-           'resolve_data']
+           'UnsafeArchiveError', 'CorruptArchiveError', 'safe_extract', 'RemoteFile', 'DataSource', 'get_dataset',
+           'imagenette', 'fashion_mnist', 'tiny_imagenette', 'fingerprint', 'extract_once', 'dataset_root',
+           'valid_folder_name', 'resolve_data']
 
 # %% ../nbs/04a_datasets.ipynb #b543d60c
+import glob
+import gzip
 import hashlib
+import http.client
 import importlib.resources
 import os
 import posixpath
@@ -17,9 +20,12 @@ import shutil
 import stat
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -57,35 +63,70 @@ def check_file(path:str|Path, checksum:str|None):
         raise ChecksumError(f"{path}: {algorithm} is {actual}, expected {expected} (corrupt or a different file)")
 
 # %% ../nbs/04a_datasets.ipynb #12370fdc
-def _fetch(url:str, out, algorithm:str, timeout:float, progress:bool, desc:str) -> str:
-    "Stream `url` into the open file `out`; return the digest. Raises if fewer bytes arrive than announced."
+def _read(response, url:str, timeout:float, received:int) -> bytes:
+    "What has arrived of `response` (up to 1 MB); a stall or a broken connection is a `ConnectionError` naming `url`."
+    try:
+        return response.read1(1 << 20)
+    except TimeoutError:
+        raise ConnectionError(f"{url}: no data for {timeout} s: the download stalled after {received} bytes") from None
+    except (http.client.IncompleteRead, ConnectionError) as e:
+        raise ConnectionError(f"{url}: the connection broke after {received} bytes ({e!r})") from None
+
+def _check_response(url:str, response, allow_html:bool):
+    "Refuse an HTML page (a login, error or 'moved' page) where a data file was expected."
+    kind = response.headers.get("Content-Type", "")
+    if not allow_html and kind.split(";")[0].strip().lower() == "text/html":
+        raise ConnectionError(f"{url}: the server sent an HTML page ({kind}), not the file (a login or error page?)")
+
+def _fetch(url:str, out, algorithm:str, timeout:float, progress:bool, desc:str, size:int|None=None,
+           allow_html:bool=False) -> str:
+    "Stream `url` into the open file `out`; return the digest. Raises unless the byte count is the announced one (and `size`)."
     hasher, received = hashlib.new(algorithm), 0
     with urllib.request.urlopen(url, timeout=timeout) as response:
+        _check_response(url, response, allow_html)
         total = int(response.headers.get("Content-Length") or 0) or None
-        with progress_bar(total=total, show=progress, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
-            while chunk := response.read(1 << 20):
+        with progress_bar(total=total or size, show=progress, unit="B", unit_scale=True, desc=desc, leave=False) as bar:
+            while chunk := _read(response, url, timeout, received):
                 out.write(chunk)
                 hasher.update(chunk)
                 received += len(chunk)
                 bar.update(len(chunk))
     if total is not None and received != total:
         raise ConnectionError(f"{url}: the download stopped after {received} of {total} bytes")
+    if size is not None and received != size:
+        raise ConnectionError(f"{url}: the download has {received} bytes, expected {size}")
     return hasher.hexdigest()
+
+_DEAD_AFTER_S = 600  # a temporary download file untouched this long belongs to a writer that died
+
+def _remove_dead_parts(dest:Path):
+    "Delete the temporary files of earlier downloads of `dest` that were killed (untouched for `_DEAD_AFTER_S`)."
+    for part in dest.parent.glob(f".{glob.escape(dest.name)}.*.part"):
+        try:
+            if time.time() - part.stat().st_mtime > _DEAD_AFTER_S:
+                part.unlink()
+        except FileNotFoundError:  # removed by another process meanwhile
+            pass
 
 def download(url:str, # http(s) or file URL
              dest:str|Path, # the file to write
              checksum:str|None=None, # 'sha256:<hex>' or 'md5:<hex>'; None: not verified
              progress:bool=True, # show a progress bar
-             timeout:float=60.) -> Path: # seconds without data before giving up
+             timeout:float=60., # seconds without data before giving up
+             size:int|None=None, # the expected byte count, when known (checked even without `checksum`)
+             allow_html:bool=False # accept an answer of Content-Type text/html (refused by default: a data file is wanted)
+            ) -> Path:
     "Download `url` to `dest` atomically, verifying `checksum`; a verified existing `dest` is kept as is."
     dest = Path(dest)
     algorithm, expected = _parse_checksum(checksum) if checksum else ("sha256", None)
     if dest.exists() and expected is not None and file_hash(dest, algorithm) == expected:
         return dest
+    if dest.parent.is_dir():
+        _remove_dead_parts(dest)
 
     def write(tmp):
         with open(tmp, "wb") as out:
-            actual = _fetch(url, out, algorithm, timeout, progress, dest.name)
+            actual = _fetch(url, out, algorithm, timeout, progress, dest.name, size, allow_html)
         if expected is not None and actual != expected:
             raise ChecksumError(f"{url}: {algorithm} of the download is {actual}, expected {expected}; "
                                 f"nothing was written to {dest}")
@@ -128,21 +169,31 @@ def _check_zip_member(info:zipfile.ZipInfo, archive:Path):
         raise UnsafeArchiveError(f"{archive}: member {info.filename!r} is a symbolic link")
 
 # %% ../nbs/04a_datasets.ipynb #0e2c380b
+class CorruptArchiveError(ValueError):
+    "An archive that cannot be read to its end: truncated (an interrupted download or copy) or damaged."
+
+_READ_ERRORS = (tarfile.ReadError, tarfile.CompressionError, zipfile.BadZipFile, EOFError, zlib.error,
+                gzip.BadGzipFile)
+
 def _extract_to(archive:Path, folder:Path):
     "Check every member of `archive` (tar or zip), then extract it into `folder`."
-    if tarfile.is_tarfile(archive):
-        with tarfile.open(archive) as tar:
-            members = tar.getmembers()
-            for member in members:
-                _check_tar_member(member, archive)
-            tar.extractall(folder, members=members, filter="data")
-    elif zipfile.is_zipfile(archive):
-        with zipfile.ZipFile(archive) as zf:
-            for info in zf.infolist():
-                _check_zip_member(info, archive)
-            zf.extractall(folder)
-    else:
-        raise ValueError(f"{archive}: not a tar or zip archive")
+    try:
+        if tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tar:
+                members = tar.getmembers()
+                for member in members:
+                    _check_tar_member(member, archive)
+                tar.extractall(folder, members=members, filter="data")
+        elif zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    _check_zip_member(info, archive)
+                zf.extractall(folder)
+        else:
+            raise ValueError(f"{archive}: not a tar or zip archive")
+    except _READ_ERRORS as e:
+        raise CorruptArchiveError(f"{archive}: truncated or corrupt archive ({type(e).__name__}: {e}); "
+                                  f"delete it and download or copy it again") from None
 
 def safe_extract(archive:str|Path, # a .tar, .tar.gz/.tgz, .tar.bz2, .tar.xz or .zip file
                  dest:str|Path # the folder to extract into (created)
@@ -170,6 +221,7 @@ class RemoteFile:
     name: str  # the file name on disk
     url: str|None  # where to download it (None: no public URL, only found locally)
     checksum: str|None  # 'sha256:<hex>' or 'md5:<hex>' of the official file (None: not verified)
+    size: int|None = None  # its byte count, when known (checked on download, even without a checksum)
 
 @dataclass(frozen=True)
 class DataSource:
@@ -208,18 +260,36 @@ def _local_folder(source:DataSource) -> Path|None:
             return candidate
     return None
 
+def _cached_copy(file:RemoteFile, cache:Path, can_download:bool) -> Path|None:
+    "The cache's copy of `file` if it checks out; a copy that fails its checksum is removed when it can be downloaded again."
+    path = cache / file.name
+    if not path.is_file():
+        return None
+    try:
+        check_file(path, file.checksum)
+    except ChecksumError as err:
+        if not can_download:
+            raise
+        warnings.warn(f"{path} fails its checksum ({err}); downloading it again", stacklevel=4)
+        path.unlink(missing_ok=True)
+        return None
+    return path
+
 def _find_or_download(file:RemoteFile, cache:Path, download_ok:bool, progress:bool) -> Path:
     "The verified local copy of `file`: from DLCOURSE_DATA, the cache, or downloaded into the cache."
-    for folder in [*data_dirs(), cache]:
+    for folder in data_dirs():
         if (folder / file.name).is_file():
-            check_file(folder / file.name, file.checksum)
+            check_file(folder / file.name, file.checksum)  # the user's copy: an error, never replaced
             return folder / file.name
+    cached = _cached_copy(file, cache, download_ok and file.url is not None)
+    if cached is not None:
+        return cached
     if file.url is None or not download_ok:
         why = "it has no public URL" if file.url is None else "download=False"
         where = ", ".join(map(str, data_dirs())) or "DLCOURSE_DATA is not set"
         raise FileNotFoundError(f"{file.name} is not in DLCOURSE_DATA ({where}) nor in the cache {cache}, and {why}; "
                                 f"put {file.name} in a DLCOURSE_DATA folder")
-    return download(file.url, cache / file.name, file.checksum, progress)
+    return download(file.url, cache / file.name, file.checksum, progress, size=file.size)
 
 def get_dataset(name:str, # a key of `DATASETS`
                 cache:str|Path|None=None, # the cache folder (default: `cache_dir()`)
@@ -278,7 +348,7 @@ def fingerprint(files:list[str|Path], # the source files, in their order
     hasher = hashlib.sha256(f"{size}\n".encode())
     for f in files:
         st = os.stat(f)
-        hasher.update(f"{f}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        hasher.update(os.fsencode(f) + f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode())  # any bytes of a file name
     return hasher.hexdigest()[:16]
 
 # %% ../nbs/04a_datasets.ipynb #371efaf1

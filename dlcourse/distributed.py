@@ -4,14 +4,17 @@
 
 # %% auto #0
 __all__ = ['LAUNCH_VARS', 'is_distributed_launch', 'get_rank', 'get_world_size', 'is_main_process', 'distributed_device',
-           'init_distributed', 'destroy_distributed', 'main_process_first', 'ShardSampler', 'ShardedDeviceLoader',
-           'shard_loader', 'to_sync_batchnorm', 'undo_sync_batchnorm', 'all_reduce_mean', 'DistributedTraining']
+           'init_distributed', 'destroy_distributed', 'main_process_first', 'DistributedTimeoutError', 'is_timeout',
+           'silent_ranks', 'timeout_error', 'ShardSampler', 'ShardedDeviceLoader', 'shard_loader', 'to_sync_batchnorm',
+           'undo_sync_batchnorm', 'all_reduce_mean', 'DistributedTraining']
 
 # %% ../nbs/12_distributed.ipynb #2522a7ce
 import atexit
 import datetime
 import math
 import os
+import re
+import time
 from contextlib import contextmanager
 
 import torch
@@ -94,12 +97,61 @@ def main_process_first():
     "Run the `with` block on rank 0 first, then on the other ranks (e.g. to download or cache data once)."
     distributed = dist.is_available() and dist.is_initialized()
     if distributed and dist.get_rank() != 0:
-        dist.barrier()  # wait for rank 0 to finish the block
+        _barrier("the barrier of main_process_first, while rank 0 prepares")  # wait for rank 0 to finish the block
     try:
         yield
     finally:
         if distributed and dist.get_rank() == 0:
-            dist.barrier()  # let the others in
+            _barrier("the barrier of main_process_first, after rank 0 prepared")  # let the others in
+
+def _barrier(where:str):
+    "`dist.barrier()`; a timeout is a `DistributedTimeoutError` naming the ranks that did not come."
+    try:
+        dist.barrier()
+    except RuntimeError as err:
+        if is_timeout(err):
+            raise timeout_error(err, None, where) from err
+        raise
+
+# %% ../nbs/12_distributed.ipynb #a196a3cf
+class DistributedTimeoutError(RuntimeError):
+    "A collective that timed out because some rank stopped answering; the message names the ranks."
+
+def is_timeout(err:BaseException) -> bool:
+    "Whether `err` is a collective (or store) operation that timed out, as gloo, NCCL and the store word it."
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+
+def silent_ranks(grace_s:float=3. # how long to wait for the other ranks that timed out to report
+                ) -> list[int]|None:
+    "After a timeout: the ranks that did not report (in the launch's store) that they are waiting too; None if unknown."
+    rank, world = get_rank(), get_world_size()
+    prefix = f"dlcourse/timed_out/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    try:
+        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                              timeout=datetime.timedelta(seconds=grace_s))
+        store.set(f"{prefix}/{rank}", "waiting")
+        waiting, deadline = {rank}, time.monotonic() + grace_s
+        while len(waiting) < world and time.monotonic() < deadline:
+            time.sleep(0.1)
+            waiting |= {r for r in range(world) if store.check([f"{prefix}/{r}"])}
+    except (KeyError, ValueError, RuntimeError):  # no launcher environment, or the store is gone with its host
+        return None
+    return sorted(set(range(world)) - waiting)
+
+def timeout_error(err:BaseException, # the timeout raised by the collective
+                  timeout_s:float|None, # the process group's timeout, if known
+                  where:str # what this rank was waiting in, for the message
+                 ) -> DistributedTimeoutError:
+    "The one-line error for a collective that timed out, naming the ranks that stopped responding (see `silent_ranks`)."
+    silent = silent_ranks()
+    if silent:
+        who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped responding"
+    else:
+        who = "every rank was waiting too" if silent == [] else "the other ranks could not be asked"
+    wait = "the process group's timeout" if timeout_s is None else f"{timeout_s:g} s"
+    detail = re.sub(r"^\[[^]]*\]\s*", "", " ".join(str(err).split()))  # without gloo's source file and line
+    return DistributedTimeoutError(f"rank {get_rank()} waited {wait} in {where} and gave up: {who} ({detail})")
 
 # %% ../nbs/12_distributed.ipynb #c2350571
 class ShardSampler(Sampler):
@@ -251,6 +303,8 @@ class DistributedTraining(Callback):
         self.active = dist.is_initialized() or is_distributed_launch()
         if not self.active:
             return
+        self.report = _TimeoutReport()  # raises the timeout's error after every other after_fit has run
+        learn.add_cbs([self.report])
         self._use_local_gpu(learn)
         init_distributed(learn.device, self.backend, self.timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
@@ -314,6 +368,8 @@ class DistributedTraining(Callback):
         try:
             self._restore(learn)
         finally:
+            if learn.error is not None and is_timeout(learn.error):  # name the ranks that stopped, while we still can
+                self.report.error = timeout_error(learn.error, self.timeout_s, _where(learn))
             if learn.error is not None:  # an error ends the fit: this process is going down, leave the group now
                 destroy_distributed()
 
@@ -326,3 +382,22 @@ class DistributedTraining(Callback):
         if self.dls is not None:
             learn.dls = self.dls
         learn.add_cbs(self.silenced)
+
+def _where(learn) -> str:
+    "Where in the fit `learn` was when a collective failed, in words."
+    batch, epoch = getattr(learn, "iter", None), getattr(learn, "epoch", 0)
+    part = "training" if getattr(learn, "training", True) else "validation"
+    at = f"{part} batch {batch}" if batch is not None else part
+    return f"a collective of {at} (epoch {epoch})"
+
+class _TimeoutReport(Callback):
+    "Added by `DistributedTraining` for one fit: at its very end, a timed-out fit raises a `DistributedTimeoutError`."
+    order = ORDER["gather"]  # the highest order: after every other callback's after_fit (clean-up first)
+
+    def __init__(self):
+        self.error = None
+
+    def after_fit(self, learn):
+        learn.remove_cbs([self])
+        if self.error is not None:
+            raise self.error from learn.error

@@ -72,6 +72,7 @@ def _log_scaling(learn, skipped:int, scale:float):
     learn.recorder.log("skipped", skipped)
     learn.recorder.log("loss_scale", scale)
 
+# %% ../nbs/08_fp16.ipynb #2c193d70
 class MixedPrecision(Callback):
     "Mixed precision from scratch: FP16 model (BatchNorm in FP32), FP32 master weights, FP32 loss, loss scaling."
     order = ORDER["precision"]

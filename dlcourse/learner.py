@@ -149,6 +149,7 @@ def set_hyper(group:dict, name:str, value:float):
         value = (value, *group["betas"][1:])
     group[key] = value
 
+# %% ../nbs/01_learner.ipynb #1611f16f
 class Recorder(Callback):
     "Records per-batch loss, lr and momentum, and per-epoch losses, metrics and times."
     order = ORDER["recorder"]

@@ -178,7 +178,7 @@ def test_image_folder_dls_with_workers_trains_and_skips(tmp_path):
         copy_class(tiny / "train", tmp_path / "train", wnid, 8)
         copy_class(tiny / "val", tmp_path / "val", wnid, 4)
     (tmp_path / "train" / "n01440764" / "zero.JPEG").write_bytes(b"")
-    with pytest.warns(UserWarning, match=r"skipping 1 unreadable image\(s\) of 25:\n.*zero.JPEG: empty file"):
+    with pytest.warns(UserWarning, match=r"skipping 1 unreadable image of 25:\n.*zero.JPEG: empty file"):
         dls = image_folder_dls(tmp_path, size=32, bs=4, valid_name="val", num_workers=2, bad_images="skip",
                                progress=False)
     ys = torch.cat([yb for _, yb in dls.valid])
