@@ -7,8 +7,9 @@ __all__ = ['AUTO_ON_OFF', 'RUNS', 'RESIZES', 'COMMANDS', 'flag_name', 'parse_val
            'add_config_flags', 'config_from_args', 'positive_number', 'count', 'make_parser', 'given_flags',
            'UsageError', 'RunError', 'check_out', 'new_run_folder', 'file_mode', 'share_files', 'write_json',
            'read_record', 'plot_title', 'save_outputs', 'one_line', 'run_in_folder', 'resumed_config', 'resume_train',
-           'run_train', 'run_finetune', 'train_command', 'run_lr_find', 'find_weights', 'build_model', 'load_model',
-           'square_image', 'image_batch', 'image_files', 'predict_images', 'format_predictions', 'run_predict', 'main']
+           'run_train', 'run_finetune', 'train_command', 'suggested_lr', 'run_lr_find', 'find_weights', 'build_model',
+           'load_model', 'square_image', 'image_batch', 'image_files', 'predict_images', 'format_predictions',
+           'run_predict', 'main']
 
 # %% ../nbs/13_cli.ipynb #8f7b1f2b
 import argparse
@@ -508,6 +509,13 @@ def train_command(cfg:TrainConfig, given:set, lr:float) -> str:
             words += flag_args(f, getattr(cfg, f.name))
     return shlex.join([*words, "--lr", f"{lr:.1e}"])
 
+def suggested_lr(found) -> tuple[float, str]:
+    "(rate, rule): a range test's steepest descent, or its minimum / 10 if that lies > 2 decades below the minimum."
+    if found.lr_steep >= found.lr_min / 100:
+        return found.lr_steep, "where the smoothed loss falls fastest"
+    return found.lr_min / 10, (f"the loss minimum / 10; the steepest descent, at {found.lr_steep:.1e}, lies too far "
+                               f"below the minimum to be more than noise")
+
 def run_lr_find(args:argparse.Namespace, given:set) -> dict:
     "`dlcourse lr-find`: the range test on the recipe's learner; saves lr_find.png and lr_find.json, prints the command."
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -520,18 +528,20 @@ def run_lr_find(args:argparse.Namespace, given:set) -> dict:
     folder = new_run_folder(args.out, "lr-find")
     learn, _ = make_learner(replace(cfg, stop_on_nan=False), data)  # the range test drives the loss up on purpose
     found = lr_find(learn, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it)
-    lr = float(f"{found.suggestion:.1e}")
+    lr, rule = suggested_lr(found)
+    lr = float(f"{lr:.1e}")
     fig = Figure(figsize=(6, 4), layout="tight")
     FigureCanvasAgg(fig)
     found.plot(ax=fig.subplots())
     fig.suptitle(f"{cfg.arch} on {cfg.data}, {cfg.size}px, bs {cfg.bs}: suggestion {lr:.1e}")
     fig.savefig(folder / "lr_find.png", dpi=100)
-    result = {"suggestion": lr, "lr_steep": found.lr_steep, "lr_min": found.lr_min, "command": train_command(cfg, given, lr),
-              "lrs": found.lrs, "losses": found.losses, "smoothed": found.smoothed, "settings": asdict(cfg)}
+    result = {"suggestion": lr, "rule": rule, "lr_steep": found.lr_steep, "lr_min": found.lr_min,
+              "command": train_command(cfg, given, lr), "lrs": found.lrs, "losses": found.losses,
+              "smoothed": found.smoothed, "settings": asdict(cfg)}
     write_json(folder / "results.json", {"status": "finished", "subcommand": "lr-find", "run_folder": str(folder),
                                          "command": shlex.join(["dlcourse", *args.argv]), **result})
-    print(f"suggested learning rate: {lr:.1e} (where the smoothed loss falls fastest; the minimum / 10 is "
-          f"{found.lr_min / 10:.1e})\nplot: {folder / 'lr_find.png'}\ntrain with it:\n{result['command']}", flush=True)
+    print(f"suggested learning rate: {lr:.1e} ({rule})\nplot: {folder / 'lr_find.png'}\ntrain with it:\n"
+          f"{result['command']}", flush=True)
     return result
 
 # %% ../nbs/13_cli.ipynb #6ddc25d6

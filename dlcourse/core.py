@@ -4,8 +4,9 @@
 
 # %% auto #0
 __all__ = ['SYSTEM_DATA_DIRS', 'FASHION_CLASSES', 'set_seed', 'default_device', 'apply_to_tensors', 'to_device', 'to_cpu',
-           'keep_modes', 'plain_model', 'atomic_write', 'bars_disabled', 'progress_bar', 'channel_stats', 'cache_dir',
-           'data_dirs', 'search_dirs', 'find_data', 'read_idx', 'load_fashion_mnist']
+           'keep_modes', 'plain_model', 'file_mode', 'atomic_write', 'bars_disabled', 'in_notebook', 'bar_kind',
+           'progress_bar', 'channel_stats', 'cache_dir', 'data_dirs', 'search_dirs', 'find_data', 'read_idx',
+           'load_fashion_mnist']
 
 # %% ../nbs/00_core.ipynb #1266db09
 import os
@@ -113,11 +114,18 @@ def _fsync_dir(folder:Path):
     finally:
         os.close(fd)
 
+def file_mode() -> int:
+    "The mode the user's umask gives a new file (0o644 under the usual umask 022)."
+    mask = os.umask(0)  # reading the umask means setting it: put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
+
 def atomic_write(path:str|Path, # the final file
                  write, # function(tmp_path) that writes the whole file to tmp_path
                  suffix:str=".tmp", # the temporary file's suffix (it starts with '.' + the final name)
                 ) -> Path:
     "Call `write` on a temporary file beside `path`, then rename it onto `path`: the old file survives any failure."
+    mode = file_mode()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
@@ -126,6 +134,7 @@ def atomic_write(path:str|Path, # the final file
         write(tmp)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # mkstemp's 0600 -> what a plain open() would have given
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -138,13 +147,38 @@ def bars_disabled() -> bool:
     "True when the environment variable TQDM_DISABLE asks for no progress bars (tqdm's notebook widget ignores it)."
     return os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
 
+def in_notebook() -> bool:
+    "True inside a Jupyter kernel, where output goes to a cell rather than to a terminal."
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    return shell is not None and "IPKernelApp" in shell.config
+
+def bar_kind(show:bool=True, # False: no bar
+             notebook:bool|None=None, # running in a Jupyter kernel (None: `in_notebook()`)
+             widgets:bool|None=None, # ipywidgets importable (None: look)
+            ) -> str:
+    "'none', 'widget' (tqdm's notebook bar), 'text' (tqdm's text bar, always drawn) or 'auto' (text bar, off on a non-terminal)."
+    if not show or bars_disabled():
+        return "none"
+    if notebook is None:
+        notebook = in_notebook()
+    if not notebook:
+        return "auto"
+    if widgets is None:
+        import importlib.util
+        widgets = importlib.util.find_spec("ipywidgets") is not None
+    return "widget" if widgets else "text"
+
 def progress_bar(iterable=None, # what to iterate over (or None, with `total=`, for a bar updated by hand)
                  show:bool=True, # False: no bar at all
                  **kwargs): # passed to `tqdm` (total, desc, leave, ...)
-    "A `tqdm.auto` progress bar (a widget in Jupyter, text in a terminal), or a silent one when `show` is False."
-    from tqdm.auto import tqdm
-    if not show or bars_disabled():
-        kwargs["disable"] = True
+    "A `tqdm` bar drawn where it can be seen (see `bar_kind`): a widget or text in Jupyter, text on a terminal, else none."
+    kind = bar_kind(show)
+    if kind == "widget":
+        from tqdm.notebook import tqdm
+        return tqdm(iterable, **kwargs)
+    from tqdm import tqdm
+    kwargs["disable"] = {"none": True, "text": False, "auto": None}[kind]
     return tqdm(iterable, **kwargs)
 
 # %% ../nbs/00_core.ipynb #aa3f72ff

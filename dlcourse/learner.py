@@ -303,7 +303,7 @@ class ProgressBar(Callback):
         self.bar = progress_bar(total=total, show=self.bars, desc=desc, leave=False, dynamic_ncols=True)
 
     def before_train(self, learn):
-        self._start_bar(learn, f"epoch {learn.epoch + 1}/{learn.epochs} train")
+        self._start_bar(learn, f"epoch {learn.epoch} of 0-{learn.epochs - 1} train")  # numbered as in the table
 
     def before_validate(self, learn):
         self._start_bar(learn, "valid")

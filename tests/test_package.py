@@ -1,9 +1,13 @@
 """What a notebook cannot hold well: fresh-interpreter imports, the terminal progress bar, the demo script."""
 import json
+import os
+import subprocess
+import sys
+import time
 
 import pytest
 
-from conftest import fashion_mnist_available
+from conftest import ROOT, fashion_mnist_available
 
 needs_fmnist = pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not in DLCOURSE_DATA")
 
@@ -46,14 +50,55 @@ Learner(nn.Linear(3, 2), dls, metrics=[accuracy], progress={progress}).fit(2)
 """
 
 
-def test_terminal_progress_bar_and_table(run_py):
-    """In a terminal the bars go to stderr and the epoch table to stdout, one header and one row per epoch."""
-    proc = run_py("-c", TINY_FIT.format(progress=True), env={"TQDM_DISABLE": ""})
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.strip().splitlines()
+def run_on_terminal(code:str, timeout:float=120) -> tuple[int, str, str]:
+    """Run `python -c code` with stderr on a pseudo-terminal (as in an interactive shell); (returncode, stdout, stderr)."""
+    import fcntl
+    import pty
+    import select
+    import struct
+    import termios
+    main_fd, term_fd = pty.openpty()
+    fcntl.ioctl(term_fd, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=term_fd,
+                            env={**os.environ, "TQDM_DISABLE": ""})
+    os.close(term_fd)
+    chunks, deadline = [], time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([main_fd], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(main_fd, 4096)
+                except OSError:  # the terminal closed: the process ended
+                    break
+                if not data:
+                    break
+                chunks.append(data)
+            elif proc.poll() is not None:
+                break
+        stdout = proc.communicate(timeout=max(1, deadline - time.monotonic()))[0]
+    finally:
+        proc.kill()
+        os.close(main_fd)
+    return proc.returncode, stdout.decode(), b"".join(chunks).decode(errors="replace")
+
+
+def test_terminal_progress_bar_and_table():
+    """On a terminal the bars go to stderr and the epoch table to stdout, one header and one row per epoch."""
+    returncode, stdout, stderr = run_on_terminal(TINY_FIT.format(progress=True))
+    assert returncode == 0, stderr
+    lines = stdout.strip().splitlines()
     assert lines[0].split() == ["epoch", "train_loss", "valid_loss", "accuracy", "time"]
     assert [line.split()[0] for line in lines[1:]] == ["0", "1"]
-    assert "epoch 1/2 train" in proc.stderr and "it/s" in proc.stderr
+    assert "epoch 0 of 0-1 train" in stderr and "epoch 1 of 0-1 train" in stderr and "it/s" in stderr
+
+
+def test_no_bars_when_stderr_is_not_a_terminal(run_py):
+    """Redirected to a file or a pipe (a CI log), stderr gets no bars, only the table goes to stdout."""
+    proc = run_py("-c", TINY_FIT.format(progress=True), env={"TQDM_DISABLE": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert len(proc.stdout.strip().splitlines()) == 3
+    assert proc.stderr == ""
 
 
 def test_progress_off_prints_nothing(run_py):
