@@ -7,7 +7,8 @@
 #
 # The archive: put imagenette2-128.tgz (../shared/data/ has it) in data_local/, a folder git ignores, and name
 # data_local in the run's carry list; the script extracts it there once (or uses DATA=<folder, archive or name>).
-# Each run writes its full results under bench/results/imagenette_gpu/seed<N>/ (git-ignored) and prints one line:
+# Each invocation writes into a new folder, bench/results/imagenette_gpu-<date-time>/ (git-ignored; OUT= names another,
+# which must not hold earlier runs), its full results under seed<N>/, and prints one line per run:
 #   {"seed": 0, "accuracy": ..., "fit_seconds": ..., "prep_seconds": ..., "images_per_second": ..., ...}
 # then a last line with the mean and spread over the seeds. Any flag of `dlcourse train` can be added with EXTRA.
 set -euo pipefail
@@ -17,6 +18,8 @@ PYTHON=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo pyt
 ARCHIVE=${ARCHIVE:-data_local/imagenette2-128.tgz}
 SEEDS=${SEEDS:-"0 1 2"}
 ARCH=${ARCH:-xresnet50}
+WIDTH=${WIDTH:-1}    # the CLI's defaults (half width, mixup 0.2) are tuned for the tiny sample, not for Imagenette
+MIXUP=${MIXUP:-0}
 ACT=${ACT:-mish}
 SIZE=${SIZE:-128}
 EPOCHS=${EPOCHS:-5}
@@ -27,7 +30,7 @@ SCHED=${SCHED:-flat_cos}
 WD=${WD:-1e-2}
 DEVICE=${DEVICE:-cuda}
 EXTRA=${EXTRA:-}
-OUT=${OUT:-bench/results/imagenette_gpu}
+OUT=${OUT:-bench/results/imagenette_gpu-$(date +%Y%m%d-%H%M%S)}
 
 if [ -z "${DATA:-}" ]; then
     if [ ! -d data_local/imagenette2-128/train ]; then
@@ -39,15 +42,15 @@ if [ -z "${DATA:-}" ]; then
     DATA=data_local/imagenette2-128
 fi
 
-# A private image cache beside the results: the first run decodes the JPEGs (its prep_seconds), the others reuse it.
-export DLCOURSE_CACHE=${DLCOURSE_CACHE:-$OUT/cache}
+# A private image cache shared by the invocations: the first run decodes the JPEGs (its prep_seconds), later ones reuse it.
+export DLCOURSE_CACHE=${DLCOURSE_CACHE:-bench/results/cache}
 export TQDM_DISABLE=1
 mkdir -p "$OUT"
 
 for seed in $SEEDS; do
     run_dir="$OUT/seed$seed"
     # shellcheck disable=SC2086  # EXTRA is split into flags on purpose
-    "$PYTHON" -m dlcourse train --data "$DATA" --arch "$ARCH" --act "$ACT" --size "$SIZE" --epochs "$EPOCHS" \
+    "$PYTHON" -m dlcourse train --data "$DATA" --arch "$ARCH" --width "$WIDTH" --mixup "$MIXUP" --act "$ACT" --size "$SIZE" --epochs "$EPOCHS" \
         --bs "$BS" --lr "$LR" --opt "$OPT" --sched "$SCHED" --wd "$WD" --device "$DEVICE" --seed "$seed" \
         --no-progress --out "$run_dir" $EXTRA > "$run_dir.log" 2>&1 \
         || { echo "imagenette_gpu.sh: seed $seed failed; last lines of $run_dir.log:" >&2; tail -5 "$run_dir.log" >&2; exit 1; }
@@ -57,7 +60,7 @@ r = json.load(open(sys.argv[1]))
 keys = ["accuracy", "fit_seconds", "train_seconds", "prep_seconds", "images_per_second"]
 line = {"seed": r["settings"]["seed"], **{k: round(r[k], 4) for k in keys},
         "epochs_accuracy": [round(e["accuracy"], 4) for e in r["epochs"]],
-        "arch": r["settings"]["arch"], "size": r["settings"]["size"], "epochs": r["settings"]["epochs"],
+        "arch": r["settings"]["arch"], "width": r["settings"]["width"], "mixup": r["settings"]["mixup"], "size": r["settings"]["size"], "epochs": r["settings"]["epochs"],
         "bs": r["settings"]["bs"], "lr": r["settings"]["lr"], "opt": r["settings"]["opt"],
         "precision": r["resolved"]["precision"], "device": r["device"]["name"], "torch": r["versions"]["torch"]}
 print(json.dumps(line), flush=True)

@@ -333,6 +333,21 @@ def test_bad_arguments(dlcourse, tmp_path, args, words):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("args, status, words", [
+    (["lr-find", "--num-it", "0"], 2, ["dlcourse lr-find: error: argument --num-it", "must be a finite number >= 2"]),
+    (["lr-find", "--size", "32", "--data", "nowhere"], 1, ["data 'nowhere'", "no such file or folder"]),
+    (["finetune", "--freeze-epochs", "-1"], 2, ["dlcourse finetune: error: argument --freeze-epochs", ">= 0"]),
+    (["finetune", "--size", "32", "--from", "nowhere"], 1, ["nowhere: no trained model there"]),
+    (["predict", "--top-k", "0", "--model", "nowhere", "x.jpg"], 2, ["dlcourse predict: error: argument --top-k"]),
+    (["predict", "--model", "nowhere", "x.jpg"], 1, ["nowhere: no trained model there"]),
+    (["train", "--resume", "nowhere"], 2, ["nowhere is not a run folder of dlcourse"]),
+])
+def test_every_command_refuses_bad_arguments_and_missing_files(dlcourse, tmp_path, args, status, words):
+    """Each command: a bad argument is a usage error (2), a missing file a failure (1); one line, nothing written."""
+    assert_one_line_error(dlcourse(*args), status, *words)
+    assert not (tmp_path / "runs").exists()
+
+
 def test_missing_data(dlcourse, tmp_path):
     proc = dlcourse("train", *TINY, "--data", tmp_path / "nowhere", "--out", tmp_path / "out")
     assert_one_line_error(proc, 1, "nowhere", "no such file or folder")
