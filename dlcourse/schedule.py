@@ -224,10 +224,25 @@ class LRFinderResult:
         "The learning rate where the smoothed loss is lowest."
         return self.lrs[min(range(len(self.smoothed)), key=self.smoothed.__getitem__)]
 
+    max_decades: float = 2. # `lr_steep` further than this below `lr_min` is taken for noise (see `suggestion`)
+
+    @property
+    def steep_is_noise(self) -> bool:
+        "True when `lr_steep` lies more than `max_decades` below `lr_min`: the flat, noisy start, not a real descent."
+        return self.lr_steep < self.lr_min / 10 ** self.max_decades
+
     @property
     def suggestion(self) -> float:
-        "The suggested learning rate: `lr_steep`, the steadier of the two rules (see the notebook for the measurement)."
-        return self.lr_steep
+        "The suggested learning rate: `lr_steep` (the steadier rule, see the notebook), or `lr_min / 10` if it is noise."
+        return self.lr_min / 10 if self.steep_is_noise else self.lr_steep
+
+    @property
+    def rule(self) -> str:
+        "In words, which rule gave `suggestion`."
+        if self.steep_is_noise:
+            return (f"the loss minimum / 10; the steepest descent, at {self.lr_steep:.1e}, lies too far below the "
+                    f"minimum to be more than noise")
+        return "where the smoothed loss falls fastest"
 
     skip_start: int = 10 # points ignored at the start by `lr_steep` (the first averages are still noisy)
 
@@ -251,8 +266,9 @@ class LRFinderResult:
         end = max(len(self.lrs) - skip_end, 2)
         ax.plot(self.lrs[:end], self.losses[:end], alpha=0.3, label="loss")
         ax.plot(self.lrs[:end], self.smoothed[:end], label="smoothed loss")
-        ax.axvline(self.lr_steep, color="C2", linestyle="--", label=f"suggestion (steepest): {self.lr_steep:.1e}")
-        ax.axvline(self.lr_min / 10, color="C3", linestyle=":", label=f"minimum / 10: {self.lr_min / 10:.1e}")
+        steep, low = ("", " (suggestion)") if self.steep_is_noise else (" (suggestion)", "")
+        ax.axvline(self.lr_steep, color="C2", linestyle="--", label=f"steepest{steep}: {self.lr_steep:.1e}")
+        ax.axvline(self.lr_min / 10, color="C3", linestyle=":", label=f"minimum / 10{low}: {self.lr_min / 10:.1e}")
         low, high = min(self.losses[:end]), 1.5 * self.smoothed[0]
         if math.isfinite(low) and low < high:
             ax.set_ylim(low - 0.05 * (high - low), high)  # the explosion would squash the interesting part
