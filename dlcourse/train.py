@@ -9,7 +9,8 @@ __all__ = ['LOADERS', 'RESIZE_METHODS', 'AUGMENTS', 'ARCHS', 'ACTIVATIONS', 'OPT
            'make_model', 'make_opt_func', 'make_param_groups', 'FitTimer', 'NonFiniteLossError', 'StopOnNaN',
            'human_bytes', 'available_memory', 'check_fits', 'RunData', 'prepare_data', 'make_learner', 'fit_recipe',
            'train', 'versions', 'device_info', 'preprocessing', 'model_spec', 'run_results', 'summary_rows',
-           'format_table', 'json_ready', 'MetricsLog', 'SaveBest', 'ContinuousEpochs', 'plot_history']
+           'format_table', 'json_ready', 'MetricsLog', 'SaveBest', 'ContinuousEpochs', 'plot_history', 'conv_relu_bn',
+           'lesson11_cnn']
 
 # %% ../nbs/10_train_imagenette.ipynb #4982a78a
 import json
@@ -498,3 +499,20 @@ def plot_history(history:list[dict], # the recorder's rows (epoch, losses, accur
     if title:
         fig.suptitle(title)
     return fig
+
+# %% ../nbs/10_train_imagenette.ipynb #91e5aa6d
+from .init import GeneralRelu, init_kaiming
+from .schedule import ParamScheduler, SchedCos, combine_scheds
+
+# %% ../nbs/10_train_imagenette.ipynb #5f27386b
+def conv_relu_bn(ni:int, nf:int, stride:int=2) -> nn.Sequential:
+    "A 3x3 convolution without bias, a ReLU, then BatchNorm (the order of the lesson-11 CNN)."
+    return nn.Sequential(nn.Conv2d(ni, nf, 3, stride=stride, padding=1, bias=False), GeneralRelu(), nn.BatchNorm2d(nf))
+
+def lesson11_cnn(n_classes:int=10, widths:tuple=(64, 64, 128, 256)) -> nn.Sequential:
+    "The plain CNN of lesson 11: a 16-32-64 stem, one stride-2 conv per width, average pooling, a linear head."
+    stem = [conv_relu_bn(3, 16, stride=1), conv_relu_bn(16, 32), conv_relu_bn(32, 64)]  # (bs, 64, 32, 32) at 128px
+    channels = (64, *widths)
+    body = [conv_relu_bn(ni, nf) for ni, nf in zip(channels[:-1], channels[1:])]  # 128px -> (bs, 256, 2, 2)
+    model = nn.Sequential(*stem, *body, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(widths[-1], n_classes))
+    return init_kaiming(model, leak=0.1)
