@@ -182,3 +182,12 @@ def test_readme_matches_index_notebook():
         at = next((i for i, (a, b) in enumerate(zip(readme, index)) if a != b), min(len(readme), len(index)))
         pytest.fail("README.md and nbs/index.ipynb differ (edit nbs/index.ipynb, then `make readme`) near word "
                     f"{at}: README {' '.join(readme[max(0, at - 8):at + 8])!r} vs index {' '.join(index[max(0, at - 8):at + 8])!r}")
+
+
+def test_sidebar_and_readme_list_every_notebook():
+    """The documentation site's sidebar and the README's notebook table name every notebook, in order."""
+    notebooks = sorted(p.name for p in (ROOT / "nbs").glob("*.ipynb") if p.name != "index.ipynb")
+    sidebar = re.findall(r"^\s+- (\S+\.ipynb)$", (ROOT / "nbs" / "sidebar.yml").read_text(), flags=re.M)
+    assert sidebar == ["index.ipynb", *notebooks]
+    table = re.findall(r"^\| \[(\w+)\]\(", (ROOT / "README.md").read_text(), flags=re.M)
+    assert table == [name.removesuffix(".ipynb") for name in notebooks]
