@@ -5,17 +5,21 @@
 # %% auto #0
 __all__ = ['LAUNCH_VARS', 'is_distributed_launch', 'get_rank', 'get_world_size', 'is_main_process', 'distributed_device',
            'init_distributed', 'destroy_distributed', 'main_process_first', 'DistributedTimeoutError', 'is_timeout',
-           'silent_ranks', 'timeout_error', 'ShardSampler', 'ShardedDeviceLoader', 'shard_loader', 'to_sync_batchnorm',
-           'undo_sync_batchnorm', 'all_reduce_mean', 'DistributedTraining']
+           'silent_ranks', 'timeout_error', 'rank_processes', 'kill_rank_processes', 'ShardSampler',
+           'ShardedDeviceLoader', 'shard_loader', 'to_sync_batchnorm', 'undo_sync_batchnorm', 'all_reduce_mean',
+           'DistributedTraining', 'elastic_run_id', 'restart_count', 'on_main_process']
 
 # %% ../nbs/12_distributed.ipynb #2522a7ce
 import atexit
 import datetime
 import math
 import os
+import pickle
 import re
+import signal
 import time
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -27,6 +31,7 @@ from .core import default_device
 from .datablock import compose
 from .fastdata import DeviceLoader
 from .learner import ORDER, Callback, DataLoaders, ProgressBar
+from .transfer import get_rng_state, set_rng_state
 
 # %% ../nbs/12_distributed.ipynb #070519aa
 LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -82,9 +87,20 @@ def init_distributed(device:str|torch.device="cpu", # this process's device: pic
     kwargs = {} if timeout_s is None else {"timeout": datetime.timedelta(seconds=timeout_s)}
     if backend == "nccl":
         kwargs["device_id"] = device  # bind this rank to its GPU now
-    dist.init_process_group(backend, **kwargs)  # env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
+    store = _restart_store(timeout_s)
+    if store is not None:
+        kwargs.update(store=store, rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    dist.init_process_group(backend, **kwargs)  # else env://: RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT
     atexit.register(destroy_distributed)
     return True
+
+def _restart_store(timeout_s:float|None=None) -> dist.Store|None:
+    "Under torchrun's own store, which outlives restarts: a view of it for this restart's keys alone; else None."
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else dist.default_pg_timeout
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"dlcourse/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 def destroy_distributed():
     "Leave and destroy the default process group, if there is one (safe to call twice)."
@@ -144,14 +160,62 @@ def timeout_error(err:BaseException, # the timeout raised by the collective
                   where:str # what this rank was waiting in, for the message
                  ) -> DistributedTimeoutError:
     "The one-line error for a collective that timed out, naming the ranks that stopped responding (see `silent_ranks`)."
-    silent = silent_ranks()
+    return _timeout_error(err, timeout_s, where, silent_ranks())
+
+def _timeout_error(err:BaseException, timeout_s:float|None, where:str, silent:list[int]|None,
+                   ended:list[int]=()) -> DistributedTimeoutError:
+    "`timeout_error` with the silent ranks already known, and the ranks whose processes were ended here."
     if silent:
         who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped responding"
     else:
         who = "every rank was waiting too" if silent == [] else "the other ranks could not be asked"
+    if ended:
+        who += f" (ended {'their processes' if len(ended) > 1 else 'its process'} on this machine)"
     wait = "the process group's timeout" if timeout_s is None else f"{timeout_s:g} s"
     detail = re.sub(r"^\[[^]]*\]\s*", "", " ".join(str(err).split()))  # without gloo's source file and line
     return DistributedTimeoutError(f"rank {get_rank()} waited {wait} in {where} and gave up: {who} ({detail})")
+
+# %% ../nbs/12_distributed.ipynb #c5ad00bd
+_SAME_LAUNCH = ("MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT")
+
+def _environment(pid:int) -> dict|None:
+    "The environment process `pid` started with; None if it cannot be read (gone, or another user's)."
+    try:
+        text = Path(f"/proc/{pid}/environ").read_bytes().decode(errors="replace")
+    except OSError:
+        return None
+    return dict(item.split("=", 1) for item in text.split("\0") if "=" in item)
+
+def rank_processes(ranks:list[int] # the ranks to look for
+                  ) -> dict[int, list[int]]:
+    "This launch's processes of `ranks` on this machine, {rank: [pid, ...]} (data-loading workers included); Linux only."
+    wanted = {name: os.environ.get(name) for name in _SAME_LAUNCH}
+    if wanted["MASTER_PORT"] is None or not Path("/proc").is_dir():
+        return {}
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        env = _environment(int(entry.name))
+        if env is None or any(env.get(name) != value for name, value in wanted.items()):
+            continue
+        rank = env.get("RANK", "")
+        if rank.isdigit() and int(rank) in ranks:
+            found.setdefault(int(rank), []).append(int(entry.name))
+    return found
+
+def kill_rank_processes(ranks:list[int] # ranks that stopped responding
+                       ) -> list[int]:
+    "SIGKILL this launch's processes of `ranks` on this machine (see `rank_processes`); return the ranks ended."
+    ended = set()
+    for rank, pids in rank_processes(ranks).items():
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+            ended.add(rank)
+    return sorted(ended)
 
 # %% ../nbs/12_distributed.ipynb #c2350571
 class ShardSampler(Sampler):
@@ -293,10 +357,20 @@ class DistributedTraining(Callback):
                  backend:str|None=None, # default: 'nccl' on GPUs, 'gloo' on the CPU
                  main_only:tuple=(ProgressBar,), # callbacks for rank 0 only (and any with `main_process_only = True`)
                  timeout_s:float|None=None, # give up on a collective after this long (default: PyTorch's)
+                 kill_silent:bool=True, # after a timeout, SIGKILL this machine's processes of the silent ranks
                  **ddp_kwargs): # passed to `DistributedDataParallel` (find_unused_parameters, bucket_cap_mb, ...)
         self.sync_bn, self.seed, self.backend, self.main_only = sync_bn, seed, backend, tuple(main_only)
-        self.timeout_s, self.ddp_kwargs = timeout_s, ddp_kwargs
+        self.timeout_s, self.kill_silent, self.ddp_kwargs = timeout_s, kill_silent, ddp_kwargs
         self.active, self.epochs_seen = False, 0
+        self.rank_rng, self.restore_rng = None, None  # every rank's random state at the last epoch end; to restore
+
+    def state_dict(self) -> dict:
+        "What a checkpoint keeps: the epochs seen (the next shuffle), every rank's random state at the last epoch end."
+        return {"epochs_seen": self.epochs_seen, "rng": self.rank_rng}
+
+    def load_state_dict(self, state:dict):
+        "Continue from a checkpoint: the next epoch's shuffle, and (at `before_fit`) each rank's own random state."
+        self.epochs_seen, self.restore_rng = state["epochs_seen"], state["rng"]
 
     def before_fit(self, learn):
         self.module, self.ddp, self.dls, self.swaps, self.silenced = None, None, None, [], []
@@ -304,10 +378,13 @@ class DistributedTraining(Callback):
         if not self.active:
             return
         self.report = _TimeoutReport()  # raises the timeout's error after every other after_fit has run
-        learn.add_cbs([self.report])
+        learn.add_cbs([self.report, _GatherRNG(self)])
         self._use_local_gpu(learn)
         init_distributed(learn.device, self.backend, self.timeout_s)
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        if self.restore_rng is not None and len(self.restore_rng) == self.world_size:
+            set_rng_state(self.restore_rng[self.rank])  # after a restart: this rank's generators, as they were
+        self.restore_rng = None
         if self.sync_bn and learn.device.type == "cpu" and self.world_size > 1:
             raise ValueError("sync_bn=True needs GPUs: PyTorch's SyncBatchNorm has no CPU implementation")
         self.silenced = [cb for cb in learn.cbs if self._main_only(cb)] if self.rank != 0 else []
@@ -369,7 +446,9 @@ class DistributedTraining(Callback):
             self._restore(learn)
         finally:
             if learn.error is not None and is_timeout(learn.error):  # name the ranks that stopped, while we still can
-                self.report.error = timeout_error(learn.error, self.timeout_s, _where(learn))
+                silent = silent_ranks()
+                ended = kill_rank_processes(silent) if self.kill_silent and silent else []
+                self.report.error = _timeout_error(learn.error, self.timeout_s, _where(learn), silent, ended)
             if learn.error is not None:  # an error ends the fit: this process is going down, leave the group now
                 destroy_distributed()
 
@@ -390,6 +469,21 @@ def _where(learn) -> str:
     at = f"{part} batch {batch}" if batch is not None else part
     return f"a collective of {at} (epoch {epoch})"
 
+class _GatherRNG(Callback):
+    "Added by `DistributedTraining` for one fit: at each epoch end, every rank's random state, for rank 0's checkpoint."
+    order = ORDER["recorder"] + 1  # after the Recorder's row, before the savers (SaveBest, SaveCheckpoint) read it
+
+    def __init__(self, owner:DistributedTraining):
+        self.owner = owner
+
+    def after_epoch(self, learn):
+        states = [None] * dist.get_world_size()
+        dist.all_gather_object(states, get_rng_state())  # a few KB per rank
+        self.owner.rank_rng = states
+
+    def after_fit(self, learn):
+        learn.remove_cbs([self])
+
 class _TimeoutReport(Callback):
     "Added by `DistributedTraining` for one fit: at its very end, a timed-out fit raises a `DistributedTimeoutError`."
     order = ORDER["gather"]  # the highest order: after every other callback's after_fit (clean-up first)
@@ -401,3 +495,39 @@ class _TimeoutReport(Callback):
         learn.remove_cbs([self])
         if self.error is not None:
             raise self.error from learn.error
+
+# %% ../nbs/12_distributed.ipynb #2749e419
+def elastic_run_id() -> str|None:
+    "torchrun's rendezvous id: the same for a launch and all its restarts (None outside torchrun, or without an id)."
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID")
+    return None if run_id in (None, "", "none") else run_id  # "none": the default of a launch without rendezvous id
+
+def restart_count() -> int:
+    "How many times torchrun has restarted this worker group (0 at the first start, and outside torchrun)."
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+def _picklable(err:BaseException) -> BaseException:
+    "`err`, or a RuntimeError with its message if it cannot be sent to the other ranks."
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        return RuntimeError(str(err))
+
+def on_main_process(fn):
+    "`fn()` run on rank 0 alone, its result given to every rank (or its exception raised on every rank)."
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return fn()
+    box, error = [None], None
+    if dist.get_rank() == 0:
+        try:
+            box = [("result", fn())]
+        except Exception as err:
+            error, box = err, [("error", _picklable(err))]
+    dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error  # rank 0: its own exception, with its traceback
+    kind, value = box[0]
+    if kind == "error":
+        raise value
+    return value

@@ -1,0 +1,152 @@
+"""bench/run_cells.py (the notebook runner for machines without nbdev) and bench/gpu_all.sh (every GPU check in one run),
+checked on the CPU: the runner's stand-ins agree with fastcore and its cell selection with nbdev, and the script's
+training steps run in a small form, writing one JSON line per result and one status line per step."""
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+spec = importlib.util.spec_from_file_location("run_cells", ROOT / "bench" / "run_cells.py")
+run_cells = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(run_cells)
+
+EQ_CASES = [(1, 1), (1, 2), (1.0, 1), ("a", "a"), ("a", "b"), ([1, 2], [1, 2]), ([1, 2], [1, 2, 3]), ((1, 2), [1, 2]),
+            ({"a": 1}, {"a": 1}), ({"a": 1}, {"a": 2}), ({1, 2}, {2, 1}), (None, None), (None, 0), (int, int), (int, float),
+            (torch.tensor([1, 2]), torch.tensor([1, 2])), (torch.tensor([1, 2]), torch.tensor([1, 3])),
+            (torch.tensor([1, 2]), [1, 2]), ([1, 2], torch.tensor([1, 2])), (torch.tensor(3.), 3.), (torch.tensor(3.), 4.),
+            (torch.zeros(2, 3), torch.zeros(2, 3)), (torch.Size([2, 3]), (2, 3)), (torch.float32, torch.float32),
+            ({"x": {torch.float16}}, {"x": {torch.float16}}), ([[1, 2], [3]], [[1, 2], [3]]), ([[1, 2], [3]], [[1, 2], [4]]),
+            (range(3), [0, 1, 2]), ("ab", ["a", "b"]), (torch.tensor([True, False]), [True, False]), (torch.tensor([1, 2]), 1)]
+CLOSE_CASES = [(1., 1. + 1e-6), (1., 1.1), (torch.tensor([1., 2.]), torch.tensor([1., 2.00001])),
+               (torch.tensor([1., 2.]), torch.tensor([1., 2.1])), ([1., 2.], [1., 2.0000001]), ([1., 2.], [1., 2.5]),
+               (torch.tensor(0.5), 0.5), ("a", "a"), ([torch.tensor(1.)], [1.]), (torch.tensor([1., 2.]), [1., 2.])]
+
+
+def passes(check, *args, **kwargs) -> bool:
+    "Whether the test function `check` passes on `args` (an assertion or any other error counts as failing)."
+    try:
+        check(*args, **kwargs)
+    except Exception:
+        return False
+    return True
+
+
+def test_standins_agree_with_fastcore():
+    "The fastcore.test stand-ins pass and fail on the same cases as fastcore itself."
+    ft = pytest.importorskip("fastcore.test")
+    for a, b in EQ_CASES:
+        for name in ("test_eq", "test_ne"):
+            assert passes(getattr(run_cells, name), a, b) == passes(getattr(ft, name), a, b), (name, a, b)
+    for a, b in CLOSE_CASES:
+        for eps in (1e-5, 0.2):
+            assert passes(run_cells.test_close, a, b, eps) == passes(ft.test_close, a, b, eps), (a, b, eps)
+    def boom():
+        raise ValueError("boom here")
+    for f, kwargs in [(lambda: None, {}), (boom, {}), (boom, {"contains": "boom"}), (boom, {"contains": "nope"}),
+                      (boom, {"exc": TypeError}), (boom, {"exc": ValueError, "contains": "here"})]:
+        assert passes(run_cells.test_fail, f, **kwargs) == passes(ft.test_fail, f, **kwargs), kwargs
+    assert not passes(run_cells.test_eq, [1, 2], [1, 3]) and passes(run_cells.test_eq, [1, 2], (1, 2))
+
+
+def test_cell_selection_matches_nbdev():
+    "Every code cell of every notebook is run or skipped as nbdev_test decides, for several sets of flags."
+    pytest.importorskip("nbdev")
+    from nbdev.frontmatter import FrontmatterProc
+    from nbdev.process import NBProcessor
+    flags = run_cells.test_flags()
+    assert {"slow", "cuda"} <= flags
+    for run_flags in (set(), {"cuda"}, {"cuda", "local_data"}, {"slow"}):
+        for path in sorted((ROOT / "nbs").glob("*.ipynb")):
+            nb = NBProcessor(path, procs=FrontmatterProc, process=True).nb
+            theirs = []
+            for cell in (c for c in nb.cells if c.cell_type == "code"):
+                found = getattr(cell, "directives_", {}) or {}
+                theirs.append("nbdev_export(" in cell.source or found.get("eval:", [""])[0].lower() == "false"
+                              or bool((flags - run_flags) & found.keys()))
+            ours = [run_cells.skip_reason(src, flags, run_flags) is not None for _, src in run_cells.code_cells(path)]
+            assert ours == theirs, (path.name, run_flags)
+
+
+def notebook(tmp_path, *sources):
+    "A notebook of code cells with `sources`, written in tmp_path."
+    cells = [{"cell_type": "code", "id": f"{i:08x}", "metadata": {}, "execution_count": None, "outputs": [],
+              "source": src} for i, src in enumerate(sources)]
+    path = tmp_path / "check.ipynb"
+    path.write_text(json.dumps({"cells": cells, "metadata": {}, "nbformat": 4, "nbformat_minor": 5}))
+    return path
+
+
+def run_notebook(path, *args):
+    "bench/run_cells.py on `path`: (exit status, its JSON summary, stderr)."
+    proc = subprocess.run([sys.executable, "bench/run_cells.py", str(path), "--standins", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 1, proc.stdout  # the cells' own output goes to stderr
+    return proc.returncode, json.loads(lines[0]), proc.stderr
+
+
+def test_run_cells_flags_magics_and_standins(tmp_path):
+    "Flagged cells run only when asked for; IPython lines work; the stand-ins import; the namespace is shared."
+    path = notebook(tmp_path,
+                    "from fastcore.test import test_eq, test_fail\nfrom IPython.display import Image\nimport os",
+                    "%matplotlib inline\n%time x = 1\n!echo from-the-shell\nprint('cwd', os.getcwd())",
+                    "#| slow\nraise RuntimeError('a slow cell ran')",
+                    "#| cuda\ncuda_ran = True",
+                    "#| hide\ntest_eq(x, 1)\ntest_fail(lambda: 1 / 0, contains='division')\nImage(b'png')",
+                    "#| eval: false\nraise RuntimeError('an eval: false cell ran')")
+    rc, summary, err = run_notebook(path)
+    assert rc == 0, err
+    assert (summary["status"], summary["ran"], summary["skipped"]) == ("ok", 3, {"slow": 1, "cuda": 1, "eval: false": 1})
+    assert summary["standins"] == ["IPython", "fastcore"]
+    assert "from-the-shell" in err and f"cwd {tmp_path}" in err  # the notebook's folder, as nbdev_test runs it
+    rc, summary, _ = run_notebook(path, "--flags", "cuda")
+    assert rc == 0 and summary["ran"] == 4 and summary["flagged_run"] == {"cuda": 1}
+
+
+def test_run_cells_reports_the_failing_cell(tmp_path):
+    "A failing cell stops the notebook: exit status 1, the cell's index, the error and the traceback's end."
+    path = notebook(tmp_path, "from fastcore.test import test_eq\ny = 2", "test_eq(y, 3)", "never = True")
+    rc, summary, err = run_notebook(path)
+    assert rc == 1 and summary["status"] == "failed" and summary["failed_cell"] == 1 and summary["ran"] == 1
+    assert summary["error"].startswith("AssertionError: ==") and "test_eq(y, 3)" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is present: the script's CPU form is not what runs")
+def test_gpu_all_training_steps(tmp_path):
+    """gpu_all.sh's training steps on the tiny sample (one grid recipe, its pick, seeds 1 and 2 and 3-seed summary, the
+    two course references): each succeeds and writes its result line and its status line; the other steps (env, data,
+    cells, precision, augment) are left out with ONLY to keep this under a minute (five training processes)."""
+    env = {**os.environ, "DEVICE": "cpu", "DATA": "tiny", "SIZE": "32", "EPOCHS": "1", "BS": "16", "WIDTH": "0.25",
+           "GRID": "xresnet18-ranger-bs128", "ONLY": "grid pick seeds best ref", "OUT": str(tmp_path / "out"),
+           "WORK": str(tmp_path / "work"), "DLCOURSE_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1",
+           "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", "bench/gpu_all.sh"], cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    lines = [json.loads(line) for line in (tmp_path / "out" / "gpu.jsonl").read_text().splitlines()]
+    status = {l["step"]: l["step_status"] for l in lines if "step_status" in l}
+    assert proc.returncode == 0, (proc.stderr[-3000:], status)
+    assert list(status) == ["grid-xresnet18-ranger-bs128", "pick", "seeds-xresnet18-ranger-bs128-1",
+                            "seeds-xresnet18-ranger-bs128-2", "best-summary", "ref-course-lesson11-cnn",
+                            "ref-course-xresnet34"]
+    assert set(status.values()) == {"ok"}
+    results = {l["step"]: l for l in lines if "step_status" not in l}
+    runs = [l for l in lines if "accuracy" in l and "seed" in l]
+    assert [(r["recipe"], r["seed"]) for r in runs] == [("xresnet18-ranger-bs128", 0), ("xresnet18-ranger-bs128", 1),
+                                                        ("xresnet18-ranger-bs128", 2), ("course-lesson11-cnn", 0),
+                                                        ("course-xresnet34", 0)]
+    for r in runs:
+        assert 0 <= r["accuracy"] <= 1 and r["fit_seconds"] > 0 and r["n_train"] == 240 and r["bs"] == 16
+        assert (tmp_path / "work" / "runs" / f"{r['step']}.json").exists()
+    assert results["pick"]["picked"] == "xresnet18-ranger-bs128"
+    assert results["best-summary"]["runs"] == 3 and results["best-summary"]["seeds"] == [0, 1, 2]
+    assert [r["course_accuracy"] for r in runs[3:]] == [0.736, 0.824]
+    assert runs[3]["model"] == "lesson11_cnn" and runs[3]["opt"] == {"name": "sgd", "mom": 0.0, "wd": 0.0}
+    assert runs[4]["sched"] == {"name": "one_cycle", "div": 10., "div_final": 1e5, "pct_start": 0.5, "moms": [0.95, 0.85, 0.95]}
+    assert lines[-1]["step"] == "done" and lines[-1]["steps_not_ok"] == []
+    assert (tmp_path / "out" / "logs.tgz").exists()  # OUT apart from WORK: the logs are packed beside the lines
