@@ -5,11 +5,11 @@
 # %% auto #0
 __all__ = ['AUTO_ON_OFF', 'RUNS', 'AUTO', 'RESIZES', 'COMMANDS', 'flag_name', 'parse_value', 'flag_type', 'flag_args',
            'OneLineParser', 'add_config_flags', 'config_from_args', 'positive_number', 'count', 'make_parser',
-           'given_flags', 'UsageError', 'RunError', 'check_out', 'new_run_folder', 'file_mode', 'share_files',
-           'write_json', 'read_record', 'plot_title', 'save_outputs', 'one_line', 'run_in_folder', 'resumed_config',
-           'resume_fit', 'resume_train', 'new_train', 'run_train', 'find_launch_run', 'auto_target', 'auto_train',
-           'run_finetune', 'train_command', 'suggested_lr', 'run_lr_find', 'find_weights', 'build_model', 'load_model',
-           'square_image', 'image_batch', 'image_files', 'predict_images', 'format_predictions', 'run_predict', 'main']
+           'given_flags', 'UsageError', 'RunError', 'check_out', 'new_run_folder', 'write_json', 'read_record',
+           'plot_title', 'save_outputs', 'one_line', 'run_in_folder', 'resumed_config', 'resume_train', 'new_train',
+           'run_train', 'find_launch_run', 'auto_target', 'auto_train', 'run_finetune', 'train_command', 'run_lr_find',
+           'find_weights', 'build_model', 'load_model', 'square_image', 'image_batch', 'image_files', 'predict_images',
+           'format_predictions', 'run_predict', 'main']
 
 # %% ../nbs/13_cli.ipynb #8f7b1f2b
 import argparse
@@ -250,26 +250,12 @@ def new_run_folder(out:str|None, # the folder asked for with --out, or None
         return path
 
 # %% ../nbs/13_cli.ipynb #042ad9e7
-def file_mode() -> int:
-    "The mode the user's umask gives a new file (0o644 under the usual umask 022)."
-    mask = os.umask(0)
-    os.umask(mask)
-    return 0o666 & ~mask
-
-def share_files(folder:str|Path):
-    "Give every file under `folder` the user's umask mode (atomic writes create their temporary files private, 0600)."
-    mode = file_mode()
-    for path in Path(folder).rglob("*"):
-        if path.is_file() and not path.name.startswith("."):
-            os.chmod(path, mode)
-
 def write_json(path:str|Path, data:dict):
-    "Write `data` as indented strict JSON (NaN and infinities as null), atomically, with the user's umask mode."
+    "Write `data` as indented strict JSON (NaN and infinities as null), atomically (with the user's umask mode)."
     from dlcourse.core import atomic_write
     from dlcourse.train import json_ready
     text = json.dumps(json_ready(data), indent=2, allow_nan=False)
     atomic_write(path, lambda tmp: Path(tmp).write_text(text + "\n"))
-    os.chmod(path, file_mode())
 
 def read_record(folder:str|Path) -> dict:
     "The record (results.json) of the run in `folder`."
@@ -302,7 +288,6 @@ def save_outputs(learn, # the learner, after its fit
     plot_history(log.history, log.losses, plot_title(results)).savefig(paths["plot"], dpi=100)
     results["outputs"] = {name: str(path) for name, path in paths.items()}
     write_json(paths["results"], results)
-    share_files(folder)
     return paths
 
 # %% ../nbs/13_cli.ipynb #6b148225
@@ -360,7 +345,6 @@ def _stopped(err:BaseException, command:str, folder:Path, record:dict, log, epoc
     if main:
         rows = [{k: v for k, v in row.items() if k != "train_iters"} for row in log.history]
         write_json(folder / "results.json", {**record, "status": status, "error": message, "epochs": rows})
-        share_files(folder)
     can_resume = command == "train" and (folder / "checkpoint" / MANIFEST).is_file()
     after = f"after {done} of {epochs} epochs"
     if status == "interrupted":
@@ -435,29 +419,6 @@ def resumed_config(record:dict, # the record (results.json) of the run to resume
         setattr(cfg, f.name, getattr(args, f.name))  # progress bars, workers, device: how the run goes, not what it computes
     return cfg
 
-def resume_fit(learn, # a `Learner` built like the interrupted one
-               folder:str|Path, # the checkpoint folder
-               fit, # the fit function of the interrupted run: fit(learn, epochs, ..., cbs=...)
-               **kwargs): # its other arguments (lr, ...)
-    "11's `resume`, checking the batches per epoch once the fit has begun: under torchrun, on this rank's shard."
-    from dlcourse.learner import ORDER, Callback
-    from dlcourse.transfer import Resume, load_checkpoint
-    state = load_checkpoint(learn, folder)
-    start, total, saved = state["epoch"], state["epochs"], state["iters_per_epoch"]
-    if start >= total:
-        raise ValueError(f"the checkpoint is after epoch {start} of {total}: nothing left to resume")
-
-    class SameBatches(Callback):
-        "Refuse a resumed fit whose epochs have another number of batches than the checkpoint's run."
-        order = ORDER["resume"]  # after DistributedTraining's before_fit: the loaders are this rank's shards by now
-
-        def before_fit(self, learn):
-            if len(learn.dls.train) != saved:
-                raise ValueError(f"the checkpoint's run had {saved} batches per epoch, this one has "
-                                 f"{len(learn.dls.train)}: use the same data and batch size")
-    fit(learn, total - start, cbs=[Resume(start, state["recorder"]), SameBatches()], **kwargs)
-    return state
-
 def resume_train(args:argparse.Namespace, given:set,
                  folder:str|Path|None=None, # the run to continue (default: --resume RUN_DIR); given by --resume auto
                  again:bool=False # start the run over in its folder (it stopped before its first checkpoint)
@@ -465,7 +426,7 @@ def resume_train(args:argparse.Namespace, given:set,
     "`dlcourse train --resume RUN_DIR`: continue the run in RUN_DIR from its last checkpoint, with its settings."
     from dlcourse.config import pick
     from dlcourse.train import SCHEDULES, fit_recipe
-    from dlcourse.transfer import MANIFEST, checkpoint_files
+    from dlcourse.transfer import MANIFEST, checkpoint_files, resume
     auto, folder = folder is not None, Path(args.resume if folder is None else folder)
     record = read_record(folder)
     if record.get("subcommand") != "train":
@@ -489,7 +450,7 @@ def resume_train(args:argparse.Namespace, given:set,
     else:
         done = checkpoint_files(folder / "checkpoint", verify=False)["epoch"]
         def fit(learn):
-            resume_fit(learn, folder / "checkpoint", fit=pick(SCHEDULES, cfg.sched, "sched"), lr=cfg.lr)
+            resume(learn, folder / "checkpoint", fit=pick(SCHEDULES, cfg.sched, "sched"), lr=cfg.lr)
     resumed = {**record, "run_folder": str(folder), "resumed_after": [*record.get("resumed_after", []), done]}
     return run_in_folder("train", args.argv, cfg, options, fit, resumed=resumed)
 
@@ -624,15 +585,10 @@ def train_command(cfg:TrainConfig, given:set, lr:float) -> str:
             words += flag_args(f, getattr(cfg, f.name))
     return shlex.join([*words, "--lr", f"{lr:.1e}"])
 
-def suggested_lr(found) -> tuple[float, str]:
-    "(rate, rule): a range test's steepest descent, or its minimum / 10 if that lies > 2 decades below the minimum."
-    if found.lr_steep >= found.lr_min / 100:
-        return found.lr_steep, "where the smoothed loss falls fastest"
-    return found.lr_min / 10, (f"the loss minimum / 10; the steepest descent, at {found.lr_steep:.1e}, lies too far "
-                               f"below the minimum to be more than noise")
-
 def run_lr_find(args:argparse.Namespace, given:set) -> dict:
     "`dlcourse lr-find`: the range test on the recipe's learner; saves lr_find.png and lr_find.json, prints the command."
+    if not args.start_lr < args.end_lr:
+        raise UsageError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g}: the rate grows from one to the other")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from dlcourse.schedule import lr_find
@@ -643,8 +599,7 @@ def run_lr_find(args:argparse.Namespace, given:set) -> dict:
     folder = new_run_folder(args.out, "lr-find")
     learn, _ = make_learner(replace(cfg, stop_on_nan=False), data)  # the range test drives the loss up on purpose
     found = lr_find(learn, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it)
-    lr, rule = suggested_lr(found)
-    lr = float(f"{lr:.1e}")
+    lr, rule = float(f"{found.suggestion:.1e}"), found.rule  # 02_schedule's rule, as in a notebook
     fig = Figure(figsize=(6, 4), layout="tight")
     FigureCanvasAgg(fig)
     found.plot(ax=fig.subplots())

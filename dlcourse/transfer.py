@@ -322,10 +322,15 @@ class Resume(Callback):
     order = ORDER["resume"]  # before the schedulers and the Recorder read the counters
 
     def __init__(self, start_epoch:int, # epochs already done
-                 recorder:dict|None=None): # the saved `Recorder.state_dict()`, given back to the Recorder
-        self.start_epoch, self.recorder = start_epoch, recorder
+                 recorder:dict|None=None, # the saved `Recorder.state_dict()`, given back to the Recorder
+                 iters_per_epoch:int|None=None): # the saved run's batches per epoch: a different number is an error
+        self.start_epoch, self.recorder, self.iters_per_epoch = start_epoch, recorder, iters_per_epoch
 
     def before_fit(self, learn):
+        # checked here, not before the fit: callbacks that run first may change the loaders (DDP shards them per rank)
+        if self.iters_per_epoch is not None and self.iters_per_epoch != len(learn.dls.train):
+            raise ValueError(f"the checkpoint's run had {self.iters_per_epoch} batches per epoch, this one has "
+                             f"{len(learn.dls.train)}: use the same data and batch size")
         learn.epochs += self.start_epoch
         learn.train_iter = self.start_epoch * len(learn.dls.train)
         self.first_epoch = True
@@ -350,10 +355,7 @@ def resume(learn, # a `Learner` built like the interrupted one (model, data, opt
     total = state["epochs"] if epochs is None else epochs
     if start >= total:
         raise ValueError(f"the checkpoint is after epoch {start} of {total}: nothing left to resume")
-    if state["iters_per_epoch"] != len(learn.dls.train):
-        raise ValueError(f"the checkpoint's run had {state['iters_per_epoch']} batches per epoch, this one has "
-                         f"{len(learn.dls.train)}: use the same data and batch size")
-    fit(learn, total - start, cbs=[Resume(start, state["recorder"]), *cbs], **kwargs)
+    fit(learn, total - start, cbs=[Resume(start, state["recorder"], state["iters_per_epoch"]), *cbs], **kwargs)
     return state
 
 # %% ../nbs/11_transfer_learning.ipynb #cdb178bd

@@ -336,6 +336,7 @@ def test_bad_arguments(dlcourse, tmp_path, args, words):
 @pytest.mark.parametrize("args, status, words", [
     (["lr-find", "--num-it", "0"], 2, ["dlcourse lr-find: error: argument --num-it", "must be a finite number >= 2"]),
     (["lr-find", "--size", "32", "--data", "nowhere"], 1, ["data 'nowhere'", "no such file or folder"]),
+    (["lr-find", "--start-lr", "1", "--end-lr", "0.1"], 2, ["--start-lr 1 must be below --end-lr 0.1"]),
     (["finetune", "--freeze-epochs", "-1"], 2, ["dlcourse finetune: error: argument --freeze-epochs", ">= 0"]),
     (["finetune", "--size", "32", "--from", "nowhere"], 1, ["nowhere: no trained model there"]),
     (["predict", "--top-k", "0", "--model", "nowhere", "x.jpg"], 2, ["dlcourse predict: error: argument --top-k"]),
