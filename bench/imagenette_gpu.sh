@@ -45,6 +45,10 @@ fi
 # A private image cache shared by the invocations: the first run decodes the JPEGs (its prep_seconds), later ones reuse it.
 export DLCOURSE_CACHE=${DLCOURSE_CACHE:-bench/results/cache}
 export TQDM_DISABLE=1
+if [ -d "$OUT" ] && [ -n "$(ls -A "$OUT")" ]; then
+    echo "imagenette_gpu.sh: $OUT already holds files: give a new OUT (each invocation writes a folder of its own)" >&2
+    exit 1
+fi
 mkdir -p "$OUT"
 
 for seed in $SEEDS; do

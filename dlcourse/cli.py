@@ -224,6 +224,11 @@ def _claim(folder:Path):
     except FileExistsError:
         raise UsageError(f"--out {folder} was taken by another run meanwhile") from None
 
+def _run_number(path:Path) -> int:
+    "The number of a run folder <command>-NNN (-1 if it has none)."
+    tail = path.name.rpartition("-")[2]
+    return int(tail) if tail.isdigit() else -1
+
 def new_run_folder(out:str|None, # the folder asked for with --out, or None
                    command:str, # the sub-command, which names the numbered folders
                    parent:str|Path|None=None # where numbered folders go (default: RUNS)
@@ -237,8 +242,7 @@ def new_run_folder(out:str|None, # the folder asked for with --out, or None
         return path
     parent = RUNS if parent is None else Path(parent)
     parent.mkdir(parents=True, exist_ok=True)
-    tails = [p.name.rpartition("-")[2] for p in parent.glob(f"{command}-*")]
-    number = max((int(t) for t in tails if t.isdigit()), default=0) + 1
+    number = max([0, *map(_run_number, parent.glob(f"{command}-*"))]) + 1
     while True:
         path = parent / f"{command}-{number:03d}"
         try:
@@ -263,6 +267,18 @@ def read_record(folder:str|Path) -> dict:
     if not path.is_file() or path.stat().st_size == 0:
         raise UsageError(f"{folder} is not a run folder of dlcourse (it has no results.json)")
     return json.loads(path.read_text())
+
+def _train_record(folder:Path) -> dict:
+    "The record of the run in `folder`, which `--resume` continues: a `UsageError` unless it is a `dlcourse train` run."
+    record = read_record(folder)
+    if record.get("subcommand") != "train":
+        raise UsageError(f"{folder} is a run of dlcourse {record.get('subcommand')}; --resume continues dlcourse train runs")
+    return record
+
+def _has_checkpoint(folder:Path) -> bool:
+    "Whether the run in `folder` has saved a checkpoint (its checkpoint/ folder holds a manifest)."
+    from dlcourse.transfer import MANIFEST
+    return (Path(folder) / "checkpoint" / MANIFEST).is_file()
 
 # %% ../nbs/13_cli.ipynb #d907dec6
 def plot_title(results:dict) -> str:
@@ -327,25 +343,24 @@ def _start_record(command:str, argv:list, cfg:TrainConfig, options:dict, data, h
             "rendezvous_id": elastic_run_id()}
 
 def _write_skipped(folder:Path, skipped:dict):
-    "List the images left out (`--skip-bad-images`) in folder/skipped_images.txt, one 'path: reason' per line."
+    "List the images left out (`--skip-bad-images`) in folder/skipped_images.txt, one 'path<TAB>reason' per line."
     if skipped:
         text = "".join(f"{path}\t{reason}\n" for path, reason in skipped.items())
         (folder / "skipped_images.txt").write_text(text)
-        print(f"skipped {len(skipped)} unreadable image(s), listed in {folder / 'skipped_images.txt'}", flush=True)
+        print(f"skipped {len(skipped)} unreadable image{'s' if len(skipped) > 1 else ''}, listed in {folder / 'skipped_images.txt'}", flush=True)
 
 # %% ../nbs/13_cli.ipynb #0eaf801d
 def _stopped(err:BaseException, command:str, folder:Path, record:dict, log, epochs:int, main:bool) -> RunError:
     "Record in results.json why the run stopped (interrupted, diverged, failed); the `RunError` to report it."
-    from dlcourse.train import NonFiniteLossError
-    from dlcourse.transfer import MANIFEST
+    from dlcourse.train import NonFiniteLossError, epoch_row
     done = len(log.history)  # the epochs the run completed (a resumed run's earlier ones included)
     message = one_line(err)
     status = ("interrupted" if isinstance(err, KeyboardInterrupt) else
               "diverged" if isinstance(err, NonFiniteLossError) else "failed")
     if main:
-        rows = [{k: v for k, v in row.items() if k != "train_iters"} for row in log.history]
+        rows = [epoch_row(row) for row in log.history]
         write_json(folder / "results.json", {**record, "status": status, "error": message, "epochs": rows})
-    can_resume = command == "train" and (folder / "checkpoint" / MANIFEST).is_file()
+    can_resume = command == "train" and _has_checkpoint(folder)
     after = f"after {done} of {epochs} epochs"
     if status == "interrupted":
         hint = f"; continue with: dlcourse train --resume {folder}" if can_resume else f"; {folder} keeps what it did"
@@ -366,7 +381,7 @@ def run_in_folder(command:str, # the sub-command: 'train' or 'finetune'
                   cbs:list|tuple=()) -> dict: # more callbacks
     "Prepare the data, claim the run's folder, train with `fit(learn)` and save the outputs; a stop is recorded there."
     from dlcourse.distributed import is_main_process
-    from dlcourse.train import MetricsLog, SaveBest, format_table, make_learner, run_results, summary_rows
+    from dlcourse.train import MetricsLog, SaveBest, epoch_row, format_table, make_learner, run_results, summary_rows
     from dlcourse.transfer import SaveCheckpoint, save_checkpoint
     data, dist_cbs = _prepare(cfg, options.get("timeout"))
     main = is_main_process()
@@ -398,7 +413,7 @@ def run_in_folder(command:str, # the sub-command: 'train' or 'finetune'
         raise _stopped(err, command, folder, record, log, epochs, main) from err
     results = {**record, **run_results(learn, cfg, resolved, data, head), "status": "finished"}
     if log.history:  # every fit's rows (fine-tuning fits twice); empty on the processes that do not log
-        results["epochs"] = [{k: v for k, v in row.items() if k != "train_iters"} for row in log.history]
+        results["epochs"] = [epoch_row(row) for row in log.history]
     if main:
         save_outputs(learn, results, folder, log)
         print("\n" + format_table(summary_rows(results)), flush=True)
@@ -426,11 +441,9 @@ def resume_train(args:argparse.Namespace, given:set,
     "`dlcourse train --resume RUN_DIR`: continue the run in RUN_DIR from its last checkpoint, with its settings."
     from dlcourse.config import pick
     from dlcourse.train import SCHEDULES, fit_recipe
-    from dlcourse.transfer import MANIFEST, checkpoint_files, resume
+    from dlcourse.transfer import checkpoint_files, resume
     auto, folder = folder is not None, Path(args.resume if folder is None else folder)
-    record = read_record(folder)
-    if record.get("subcommand") != "train":
-        raise UsageError(f"{folder} is a run of dlcourse {record.get('subcommand')}; --resume continues dlcourse train runs")
+    record = _train_record(folder)
     if "out" in given and not auto:
         raise UsageError(f"--out does not go with --resume: the run continues in its own folder, {folder}")
     cfg = resumed_config(record, args, given)
@@ -445,7 +458,7 @@ def resume_train(args:argparse.Namespace, given:set,
         done, record = 0, {k: v for k, v in record.items() if k != "epochs"}
         def fit(learn):
             fit_recipe(learn, cfg)
-    elif not (folder / "checkpoint" / MANIFEST).is_file():
+    elif not _has_checkpoint(folder):
         raise RunError(f"{folder} has no checkpoint: the run stopped before its first epoch ended; start it again")
     else:
         done = checkpoint_files(folder / "checkpoint", verify=False)["epoch"]
@@ -473,11 +486,6 @@ def run_train(args:argparse.Namespace, given:set) -> dict:
 # %% ../nbs/13_cli.ipynb #43f9974b
 AUTO = "auto"  # --resume auto
 
-def _run_number(path:Path) -> int:
-    "The number of a run folder train-NNN (-1 if it has none)."
-    tail = path.name.rpartition("-")[2]
-    return int(tail) if tail.isdigit() else -1
-
 def find_launch_run(run_id:str, # torchrun's rendezvous id (see `elastic_run_id` in 12_distributed)
                     parent:str|Path|None=None # where the numbered run folders are (default: RUNS)
                    ) -> Path|None:
@@ -496,7 +504,7 @@ def auto_target(out:str|None # --out, or None: the run of this launch's rendezvo
                ) -> tuple[str, Path|None, str]:
     "What `--resume auto` does: ('new'|'resume'|'again'|'finished', the run's folder, the line that says so)."
     from dlcourse.distributed import elastic_run_id
-    from dlcourse.transfer import MANIFEST, checkpoint_files
+    from dlcourse.transfer import checkpoint_files
     if out is not None:
         folder = Path(out)
         if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
@@ -508,14 +516,12 @@ def auto_target(out:str|None # --out, or None: the run of this launch's rendezvo
         folder = find_launch_run(elastic_run_id())
         if folder is None:
             return "new", None, "--resume auto: no run of this launch yet: starting one"
-    record = read_record(folder)
-    if record.get("subcommand") != "train":
-        raise UsageError(f"{folder} is a run of dlcourse {record.get('subcommand')}; --resume continues dlcourse train runs")
+    record = _train_record(folder)
     epochs = record["settings"]["epochs"]
     if record.get("status") == "finished":
         done = f"{epochs} epoch{'s' if epochs != 1 else ''}"
         return "finished", folder, f"--resume auto: {folder} has finished ({done}): nothing left to do"
-    if not (folder / "checkpoint" / MANIFEST).is_file():
+    if not _has_checkpoint(folder):
         return "again", folder, f"--resume auto: {folder} stopped before its first checkpoint: starting it again there"
     done = checkpoint_files(folder / "checkpoint", verify=False)["epoch"]
     return "resume", folder, f"--resume auto: continuing {folder} from its checkpoint, after {done} of {epochs} epochs"
@@ -586,7 +592,7 @@ def train_command(cfg:TrainConfig, given:set, lr:float) -> str:
     return shlex.join([*words, "--lr", f"{lr:.1e}"])
 
 def run_lr_find(args:argparse.Namespace, given:set) -> dict:
-    "`dlcourse lr-find`: the range test on the recipe's learner; saves lr_find.png and lr_find.json, prints the command."
+    "`dlcourse lr-find`: the range test on the recipe's learner; saves lr_find.png and results.json, prints the command."
     if not args.start_lr < args.end_lr:
         raise UsageError(f"--start-lr {args.start_lr:g} must be below --end-lr {args.end_lr:g}: the rate grows from one to the other")
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -622,7 +628,7 @@ def find_weights(path:str|Path, # a run folder, its checkpoint folder, or a .saf
     from safetensors import safe_open
     from dlcourse.transfer import MANIFEST, checkpoint_files
     path, record = Path(path), None
-    if path.is_dir() and (path / "checkpoint" / MANIFEST).is_file() and (slot or not (path / "model.safetensors").is_file()):
+    if path.is_dir() and _has_checkpoint(path) and (slot or not (path / "model.safetensors").is_file()):
         weights, record = checkpoint_files(path / "checkpoint", slot or "last")["weights"], path / "results.json"
     elif path.is_dir() and (path / MANIFEST).is_file():  # the checkpoint folder of a run
         weights, record = checkpoint_files(path, slot or "last")["weights"], path.parent / "results.json"

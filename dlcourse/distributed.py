@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['LAUNCH_VARS', 'is_distributed_launch', 'get_rank', 'get_world_size', 'is_main_process', 'distributed_device',
-           'init_distributed', 'destroy_distributed', 'main_process_first', 'DistributedTimeoutError', 'is_timeout',
-           'silent_ranks', 'timeout_error', 'rank_processes', 'kill_rank_processes', 'ShardSampler',
+           'init_distributed', 'restart_count', 'destroy_distributed', 'main_process_first', 'DistributedTimeoutError',
+           'is_timeout', 'silent_ranks', 'timeout_error', 'rank_processes', 'kill_rank_processes', 'ShardSampler',
            'ShardedDeviceLoader', 'shard_loader', 'to_sync_batchnorm', 'undo_sync_batchnorm', 'all_reduce_mean',
-           'DistributedTraining', 'elastic_run_id', 'restart_count', 'on_main_process']
+           'DistributedTraining', 'elastic_run_id', 'on_main_process']
 
 # %% ../nbs/12_distributed.ipynb #2522a7ce
 import atexit
@@ -94,13 +94,20 @@ def init_distributed(device:str|torch.device="cpu", # this process's device: pic
     atexit.register(destroy_distributed)
     return True
 
+def restart_count() -> int:
+    "How many times torchrun has restarted this worker group (0 at the first start, and outside torchrun)."
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+
+def _launch_store(timeout:datetime.timedelta) -> dist.TCPStore:
+    "A client of the launch's own key-value store (torchrun's, at MASTER_ADDR:MASTER_PORT)."
+    return dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+
 def _restart_store(timeout_s:float|None=None) -> dist.Store|None:
     "Under torchrun's own store, which outlives restarts: a view of it for this restart's keys alone; else None."
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     timeout = datetime.timedelta(seconds=timeout_s) if timeout_s is not None else dist.default_pg_timeout
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
-    return dist.PrefixStore(f"dlcourse/restart_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"dlcourse/restart_{restart_count()}", _launch_store(timeout))
 
 def destroy_distributed():
     "Leave and destroy the default process group, if there is one (safe to call twice)."
@@ -142,10 +149,9 @@ def silent_ranks(grace_s:float=3. # how long to wait for the other ranks that ti
                 ) -> list[int]|None:
     "After a timeout: the ranks that did not report (in the launch's store) that they are waiting too; None if unknown."
     rank, world = get_rank(), get_world_size()
-    prefix = f"dlcourse/timed_out/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    prefix = f"dlcourse/timed_out/{restart_count()}"
     try:
-        store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
-                              timeout=datetime.timedelta(seconds=grace_s))
+        store = _launch_store(datetime.timedelta(seconds=grace_s))
         store.set(f"{prefix}/{rank}", "waiting")
         waiting, deadline = {rank}, time.monotonic() + grace_s
         while len(waiting) < world and time.monotonic() < deadline:
@@ -471,7 +477,7 @@ def _where(learn) -> str:
 
 class _GatherRNG(Callback):
     "Added by `DistributedTraining` for one fit: at each epoch end, every rank's random state, for rank 0's checkpoint."
-    order = ORDER["recorder"] + 1  # after the Recorder's row, before the savers (SaveBest, SaveCheckpoint) read it
+    order = ORDER["rank_state"]  # after the Recorder's row, before the savers (SaveBest, SaveCheckpoint) read it
 
     def __init__(self, owner:DistributedTraining):
         self.owner = owner
@@ -501,10 +507,6 @@ def elastic_run_id() -> str|None:
     "torchrun's rendezvous id: the same for a launch and all its restarts (None outside torchrun, or without an id)."
     run_id = os.environ.get("TORCHELASTIC_RUN_ID")
     return None if run_id in (None, "", "none") else run_id  # "none": the default of a launch without rendezvous id
-
-def restart_count() -> int:
-    "How many times torchrun has restarted this worker group (0 at the first start, and outside torchrun)."
-    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
 
 def _picklable(err:BaseException) -> BaseException:
     "`err`, or a RuntimeError with its message if it cannot be sent to the other ranks."

@@ -60,6 +60,7 @@ ORDER = {  # every callback's `order`, in one table (lower runs first at each ev
     "augment": 10,         # batch augmentation, on the device
     "mixup": 20,           # MixUp, CutMix: mix the augmented batch
     "recorder": 50,        # Recorder: losses, metrics, one row per epoch
+    "rank_state": 51,      # DistributedTraining's gatherer of every rank's random state, for the checkpoint
     "log": 55,             # MetricsLog: writes the row the Recorder made
     "progress": 60,        # ProgressBar: prints the row
     "checkpoint": 70,      # SaveCheckpoint: saves after the row is complete

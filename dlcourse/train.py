@@ -8,9 +8,9 @@ __all__ = ['LOADERS', 'RESIZE_METHODS', 'AUGMENTS', 'ARCHS', 'ACTIVATIONS', 'OPT
            'flip_tfms', 'no_tfms', 'augment_tfms', 'check_tables', 'show_bars', 'make_dls', 'scale_channels',
            'make_model', 'make_opt_func', 'make_param_groups', 'FitTimer', 'NonFiniteLossError', 'StopOnNaN',
            'human_bytes', 'available_memory', 'check_fits', 'RunData', 'prepare_data', 'make_learner', 'fit_recipe',
-           'train', 'versions', 'device_info', 'preprocessing', 'model_spec', 'run_results', 'summary_rows',
-           'format_table', 'json_ready', 'MetricsLog', 'SaveBest', 'ContinuousEpochs', 'plot_history', 'conv_relu_bn',
-           'lesson11_cnn']
+           'train', 'versions', 'device_info', 'preprocessing', 'model_spec', 'epoch_row', 'run_results',
+           'summary_rows', 'format_table', 'json_ready', 'MetricsLog', 'SaveBest', 'ContinuousEpochs', 'plot_history',
+           'conv_relu_bn', 'lesson11_cnn']
 
 # %% ../nbs/10_train_imagenette.ipynb #4982a78a
 import json
@@ -29,7 +29,7 @@ from torch import nn
 
 from .augment import AffineAugment, BatchRandomResizedCrop
 from .config import TrainConfig, check_config, pick
-from .core import atomic_write, cache_dir, default_device, set_seed
+from .core import atomic_write, cache_dir, default_device, in_notebook, set_seed
 from .datablock import IMAGE_EXTENSIONS, Normalize, compose, get_files, image_folder_dls, skipped_images
 from .datasets import resolve_data, valid_folder_name
 from .fastdata import cached_dataloaders
@@ -129,7 +129,7 @@ check_tables()
 # %% ../nbs/10_train_imagenette.ipynb #5d1e0a0a
 def show_bars(progress:bool) -> bool:
     "Whether to draw progress bars: when asked for, and stderr is a terminal or this runs in a Jupyter kernel."
-    return progress and (sys.stderr.isatty() or "ipykernel" in sys.modules)
+    return progress and (sys.stderr.isatty() or in_notebook())
 
 def make_dls(cfg:TrainConfig, # the run's settings (loader, size, bs, num_workers, progress, skip_bad_images)
              root:Path, # the dataset folder (see `resolve_data`)
@@ -354,10 +354,14 @@ def model_spec(cfg:TrainConfig, n_classes:int, head:str="xresnet") -> dict:
     "How to rebuild the model: architecture, activation, width, classes, and its head ('xresnet', or 'transfer')."
     return {"arch": cfg.arch, "act": cfg.act, "width": cfg.width, "n_classes": n_classes, "head": head}
 
+def epoch_row(row:dict) -> dict:
+    "A `Recorder` row as results report it: the epoch's columns, without the batch counter `train_iters`."
+    return {k: v for k, v in row.items() if k != "train_iters"}
+
 def run_results(learn, cfg:TrainConfig, resolved:dict, data:RunData, head:str="xresnet") -> dict:
     "A JSON-ready summary of a finished run."
     timer = next(cb for cb in learn.cbs if isinstance(cb, FitTimer))
-    history = [{k: v for k, v in row.items() if k != "train_iters"} for row in learn.recorder.history]
+    history = [epoch_row(row) for row in learn.recorder.history]
     last = history[-1] if history else {}
     classes = dls_vocab(learn.dls)
     return {"accuracy": last.get("accuracy"), "valid_loss": last.get("valid_loss"), "train_loss": last.get("train_loss"),
@@ -400,7 +404,7 @@ def json_ready(value):
     return value
 
 def _json_line(row:dict) -> str:
-    return json.dumps(json_ready({k: v for k, v in row.items() if k != "train_iters"}), allow_nan=False) + "\n"
+    return json.dumps(json_ready(epoch_row(row)), allow_nan=False) + "\n"
 
 class MetricsLog(Callback):
     "Append each epoch's row to a JSON-lines file as training goes (NaN as null); keep the rows and losses of every fit."

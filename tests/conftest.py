@@ -1,5 +1,7 @@
-"""Shared pytest helpers: the repo root and a subprocess runner with the project's environment."""
+"""Shared pytest helpers: the repo root, a subprocess runner, a module's image cache, free ports, ending launches."""
 import os
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -27,3 +29,42 @@ def fashion_mnist_available():
     except FileNotFoundError:
         return False
     return True
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """One image cache for a module's runs, away from the user's own."""
+    return tmp_path_factory.mktemp("cache")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a torchrun rendezvous or master)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid:int) -> list[int]:
+    """Every process below `pid`, read from /proc (children of children included)."""
+    found, todo = [], [pid]
+    while todo:
+        for task in Path(f"/proc/{todo.pop()}/task").glob("*"):
+            try:
+                children = [int(c) for c in (task / "children").read_text().split()]
+            except OSError:  # the process ended meanwhile
+                continue
+            found += children
+            todo += children
+    return found
+
+
+def kill_launch(proc:subprocess.Popen):
+    """End a launch started with `start_new_session=True` and everything below it, stopped processes too: torchrun
+    starts its workers in sessions of their own, so killing the launch's process group alone would orphan them."""
+    below = descendants(proc.pid)  # before the launcher dies and its workers are handed to init
+    for sig in (signal.SIGCONT, signal.SIGKILL):
+        for kill, pid in [(os.killpg, proc.pid), *((os.kill, p) for p in below)]:
+            try:
+                kill(pid, sig)
+            except (ProcessLookupError, PermissionError):
+                pass

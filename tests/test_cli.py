@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
 
 # Tiny settings: 32px, 1 epoch of 240 images; seconds on one CPU thread.
 TINY = ["--size", "32", "--epochs", "1", "--bs", "32", "--lr", "1e-2", "--no-progress"]
@@ -32,12 +31,6 @@ SaveCheckpoint.after_epoch = interrupt_after_first_epoch
 from dlcourse.cli import main
 sys.exit(main(sys.argv[1:]))
 """
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """One image cache for the module's runs, away from the user's own."""
-    return tmp_path_factory.mktemp("cache")
 
 
 def run_cli(args, cwd, cache, code=None, timeout=300, env=None):
@@ -260,12 +253,17 @@ def test_load_model_from_a_run(trained):
     from dlcourse.cli import image_batch, load_model
     from dlcourse.datasets import tiny_imagenette
     full, results = trained
+    batch = image_batch(sorted((tiny_imagenette() / "val" / "n01440764").iterdir())[:4], results["preprocessing"])
+    logits = {}
     for where, slot in [(full, None), (full, "best"), (full / "checkpoint", None), (full / "model.safetensors", None)]:
         model, prep = load_model(where, slot=slot)
         assert prep == results["preprocessing"] and not model.training
-    image = sorted((tiny_imagenette() / "val" / "n01440764").iterdir())[0]
-    with torch.no_grad():
-        assert model(image_batch([image], prep)).shape == (1, 10)
+        with torch.no_grad():
+            logits[where.name, slot] = model(batch)
+    final = logits[full.name, None]
+    assert final.shape == (4, 10)
+    # the run's weights, its last checkpoint and the weights file are the same model
+    assert torch.equal(logits["checkpoint", None], final) and torch.equal(logits["model.safetensors", None], final)
 
 
 def test_help_explains_every_flag(dlcourse):
@@ -283,7 +281,7 @@ def test_help_explains_every_flag(dlcourse):
                  "--save-best", "--resume", "--timeout", "--skip-bad-images", "--no-stop-on-nan", "--width"]:
         assert flag in proc.stdout, flag
     assert "auto" in proc.stdout and "bf16" in proc.stdout  # the precision choices
-    assert "image size in pixels (train and validation) (default: " in text  # defaults shown
+    assert f"image size in pixels (train and validation) (default: {TrainConfig().size})" in text  # defaults shown
     for command, flags in [("lr-find", ["--num-it", "--start-lr", "--end-lr"]), ("finetune", ["--from", "--freeze-epochs"]),
                            ("predict", ["--model", "--top-k", "--json", "--checkpoint {last,best}", "IMAGE_OR_FOLDER"])]:
         proc = dlcourse(command, "--help")

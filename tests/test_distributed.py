@@ -7,7 +7,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT, free_port
 SEED = 0
 BS = 16  # per rank; the single-process reference uses the same global batch, 2 * BS
 N_VALID = 115  # an odd validation set for the DataLoader path: shards of 58 and 57 items (padding would count one twice)
@@ -152,11 +151,6 @@ def worker_fail(out, cache):
 
 
 # ---------------------------------------------------------------- the tests (the parent process)
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def torchrun(mode, out, cache, timeout=90):
@@ -342,6 +336,6 @@ def test_cli_under_torchrun(tmp_path):
     assert results["world_size"] == 2
     assert round(results["accuracy"] * 120, 6) == round(results["accuracy"] * 120)  # a whole number of items
     outputs = {"metrics.jsonl", "model.safetensors", "results.json", "training.png"}  # and the CLI's checkpoint folder
-    assert outputs <= {p.name for p in out.iterdir()}, sorted(p.name for p in out.iterdir())
+    assert {p.name for p in out.iterdir()} == outputs | {"checkpoint"}, sorted(p.name for p in out.iterdir())
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1  # one epoch, written once (by rank 0)
     assert proc.stdout.count("train_loss") == 1  # one epoch table header: rank 1 printed nothing

@@ -14,7 +14,6 @@ Every launch runs in its own process group with a time limit; the groups are kil
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import free_port, kill_launch
 EPOCHS = 3
 # the recipe's own augmentation (crops, flips) and MixUp: every rank draws random numbers, which a resume must restore
 TRAIN = ["train", "--data", "tiny", "--device", "cpu", "--size", "32", "--epochs", str(EPOCHS), "--bs", "16",
@@ -33,17 +32,6 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run"]
 KEYS = ("epoch", "train_loss", "valid_loss", "accuracy")
 LIMIT = 150  # seconds any launch may take
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    """The image cache of this module's runs, away from the user's."""
-    return tmp_path_factory.mktemp("cache")
 
 
 @contextmanager
@@ -63,11 +51,7 @@ def launches(cache, cwd):
         yield start
     finally:
         for proc in procs:
-            for sig in (signal.SIGCONT, signal.SIGKILL):  # a stopped worker too
-                try:
-                    os.killpg(proc.pid, sig)
-                except ProcessLookupError:
-                    pass
+            kill_launch(proc)  # the agent, its workers (in sessions of their own), a stopped worker too
             proc.wait()
 
 
@@ -215,7 +199,7 @@ def test_stopped_rank_ends_the_job_within_the_timeout(cache, tmp_path):
         statuses = wait_all(agents, timeout=5)
     errors = output(tmp_path, "agent0") + output(tmp_path, "agent1")
     lines = [line for line in errors.splitlines() if line.startswith("dlcourse train:")]
-    print(f"\nrank 1 stopped (SIGSTOP); rank 0's message after {message_after:.1f} s, both agents ended after "
+    print(f"\nrank 1 stopped (SIGSTOP); rank 0's message after {message_after if message_after is None else round(message_after, 1)} s, both agents ended after "
           f"{ended_after:.1f} s (--timeout {timeout}), statuses {statuses}:\n{lines[0] if lines else errors[-2000:]}")
     assert len(lines) == 1, errors[-3000:]
     assert "rank 1 stopped responding" in lines[0] and f"waited {timeout} s" in lines[0]

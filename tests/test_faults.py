@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import free_port, kill_launch
 SMALL = ["--size", "16", "--epochs", "1", "--bs", "32", "--lr", "1e-2", "--width", "0.25", "--no-progress"]
-
-
-@pytest.fixture(scope="module")
-def cache(tmp_path_factory):
-    return tmp_path_factory.mktemp("cache")
 
 
 @pytest.fixture
@@ -103,10 +97,10 @@ def test_outputs_get_the_users_umask(dlcourse, tmp_path):
 
 def test_an_interrupted_run_is_recorded_and_resumable(dlcourse, tmp_path, cache):
     """Ctrl-C in the first epoch (no checkpoint yet): status 130, the record says so, and --resume says why it cannot."""
-    code = ("import sys\nfrom dlcourse.learner import Learner\nstep = Learner.opt_step\n"
+    code = ("import sys\nfrom dlcourse.learner import Learner\n"
             "def interrupted(self):\n    raise KeyboardInterrupt\nLearner.opt_step = interrupted\n"
             "from dlcourse.cli import main\nsys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLCOURSE_CACHE": str(cache)}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLCOURSE_CACHE": str(cache), "DLCOURSE_DEBUG": ""}
     proc = subprocess.run([sys.executable, "-c", code, "train", *SMALL, "--out", str(tmp_path / "run")], cwd=tmp_path,
                           capture_output=True, text=True, env=env, timeout=300)
     one_line_error(proc, 130, "interrupted after 0 of 1 epochs")
@@ -157,7 +151,7 @@ def test_bad_images_can_be_skipped_and_are_listed(dlcourse, tmp_path, loader):
     assert all(str(v) in line for v in victims)
     proc = dlcourse("train", *SMALL, "--loader", loader, "--data", data, "--skip-bad-images", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
-    assert "skipped 2 unreadable image(s), listed in" in proc.stdout and proc.stderr == ""
+    assert "skipped 2 unreadable images, listed in" in proc.stdout and proc.stderr == ""
     listed = [line.split("\t")[0] for line in (tmp_path / "run" / "skipped_images.txt").read_text().splitlines()]
     assert sorted(listed) == sorted(str(v) for v in victims)
     results = strict_json(tmp_path / "run" / "results.json")
@@ -179,11 +173,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_timeout_ends_a_run_whose_rank_stalls(tmp_path, cache):
     """Under torchrun, --timeout reaches the process group: rank 1 stalls, rank 0 gives up after 5 s instead of 30 min."""
@@ -194,10 +183,16 @@ def test_timeout_ends_a_run_whose_rank_stalls(tmp_path, cache):
            f"--master_port={free_port()}", str(script), "train", *SMALL, "--device", "cpu", "--timeout", "5",
            "--out", str(tmp_path / "run")]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, env=env, timeout=240)
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=240)
+    finally:
+        kill_launch(proc)  # the stalled rank sleeps on otherwise
+        proc.wait()
     assert proc.returncode != 0
     assert time.perf_counter() - start < 200
     record = strict_json(tmp_path / "run" / "results.json")
     assert record["status"] == "failed" and record["options"]["timeout"] == 5
     assert any(word in record["error"].lower() for word in ("timed out", "timeout")), record["error"]
-    assert "dlcourse train: error:" in proc.stderr
+    assert "dlcourse train: error:" in stderr

@@ -6,12 +6,11 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
+from conftest import ROOT
 
 spec = importlib.util.spec_from_file_location("run_cells", ROOT / "bench" / "run_cells.py")
 run_cells = importlib.util.module_from_spec(spec)
@@ -56,7 +55,7 @@ def test_standins_agree_with_fastcore():
 
 
 def test_cell_selection_matches_nbdev():
-    "Every code cell of every notebook is run or skipped as nbdev_test decides, for several sets of flags."
+    "Every code cell of every notebook is run or skipped by nbdev_test's rule on nbdev's parsed directives, for several sets of flags."
     pytest.importorskip("nbdev")
     from nbdev.frontmatter import FrontmatterProc
     from nbdev.process import NBProcessor

@@ -15,7 +15,8 @@ from pathlib import Path
 from nbdev.serve import _proc_file
 import nbdev.serve_drv
 os.chdir(sys.argv[1])
-nbdev.serve_drv.main(_proc_file(Path(sys.argv[2]), Path(tempfile.mkdtemp()), Path('.')))
+with tempfile.TemporaryDirectory() as out:
+    nbdev.serve_drv.main(_proc_file(Path(sys.argv[2]), Path(out), Path('.')))
 """
 
 
@@ -24,7 +25,7 @@ def main(names):
     failed = 0
     for name in nbs:
         proc = subprocess.run([sys.executable, "-c", SCRIPT, str(ROOT / "nbs"), name], capture_output=True, text=True,
-                              env={**os.environ, "TQDM_DISABLE": "1"})
+                              env={**os.environ, "TQDM_DISABLE": "1"}, timeout=600)
         ok = proc.returncode == 0 and "Exception: Error" not in proc.stderr
         failed += not ok
         print(f"{'ok    ' if ok else 'FAILED'} {name}", flush=True)
