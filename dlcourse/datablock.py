@@ -4,10 +4,10 @@
 
 # %% auto #0
 __all__ = ['IMAGE_EXTENSIONS', 'MAX_LISTED', 'get_files', 'Transform', 'compose', 'ItemList', 'ImageList', 'ImageLoadError',
-           'to_rgb', 'load_image', 'verify_images', 'bad_images_message', 'func_splitter', 'grandparent_splitter',
-           'random_splitter', 'SplitData', 'parent_label', 'RegexLabeller', 'Processor', 'CategoryProcessor',
-           'ItemError', 'LabeledData', 'label_split', 'OpenImage', 'ResizeFixed', 'ToByteTensor', 'ToFloatTensor',
-           'Normalize', 'dataset_stats', 'collate_items', 'find_bad_items', 'bad_items_error', 'ItemDataLoader',
+           'to_rgb', 'load_image', 'verify_images', 'bad_images_message', 'unreadable_images_error', 'func_splitter',
+           'grandparent_splitter', 'random_splitter', 'SplitData', 'parent_label', 'RegexLabeller', 'Processor',
+           'CategoryProcessor', 'ItemError', 'LabeledData', 'label_split', 'OpenImage', 'ResizeFixed', 'ToByteTensor',
+           'ToFloatTensor', 'Normalize', 'dataset_stats', 'collate_items', 'bad_items_error', 'ItemDataLoader',
            'item_dataloaders', 'show_images', 'show_batch', 'class_counts', 'plot_class_balance', 'empty_class_folders',
            'check_classes', 'skipped_images', 'image_folder_dls']
 
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, default_collate, get_worker_info
 
+from .config import _check_choice
 from .core import channel_stats, progress_bar
 from .learner import DataLoaders
 
@@ -244,6 +245,12 @@ def bad_images_message(bad:dict, # path -> reason (each reason starts with its p
     images = "image" if len(bad) == 1 else "images"
     return "\n".join([f"{prefix}{len(bad)} unreadable {images} of {total}:", *lines])
 
+def unreadable_images_error(bad:dict, # path -> reason, as `verify_images` returns it
+                            total:int # the number of images checked
+                           ) -> ImageLoadError:
+    "The error listing the unreadable images (`bad_images_message`), and how to leave them out."
+    return ImageLoadError(bad_images_message(bad, total) + "\n(pass bad_images='skip' to leave them out)")
+
 # %% ../nbs/04_datablock.ipynb #15a7e49b
 def func_splitter(is_valid:Callable # item -> True (valid), False (train) or None (drop the item)
                  ) -> Callable:
@@ -377,10 +384,10 @@ class LabeledData:
         return getattr(self.proc_y, "vocab", None)
 
     def _get_x(self, i:int):
-        "Input i; inside a worker process a failure becomes an `ItemError` (see above)."
+        "Input i; inside a worker process an unreadable image becomes an `ItemError` (see above)."
         try:
             return self.x[i]
-        except Exception as err:
+        except ImageLoadError as err:
             if get_worker_info() is None:
                 raise
             return ItemError(_error_message(self.x.items[i], err))
@@ -480,38 +487,23 @@ def collate_items(batch:list):
                 return part
     return default_collate(batch)
 
-def find_bad_items(ds:LabeledData, # the dataset whose inputs to check
-                   num_workers:int|None=None # threads (default: one per CPU core)
-                  ) -> dict:
-    "{item: reason} for every input of `ds` whose transforms (opening the file first) fail."
-    def failure(i):
-        try:
-            ds.x[i]
-        except Exception as err:
-            return _error_message(ds.x.items[i], err)
-        return None
-    with ThreadPoolExecutor(num_workers or os.cpu_count()) as pool:
-        reasons = list(pool.map(failure, range(len(ds))))
-    return {item: reason for item, reason in zip(ds.x.items, reasons) if reason is not None}
-
-def bad_items_error(ds, # the dataset an item of which failed (or a list of datasets, all checked)
+def bad_items_error(ds, # the dataset an image of which could not be read (or a list of datasets, all checked)
                     message:str # that failure's message
                    ) -> ImageLoadError:
-    "The error for a failed item of `ds`: all its failing items listed when there are several (see `find_bad_items`)."
+    "The error for an unreadable image of `ds`: all its unreadable files listed when there are several."
     parts = [p for p in (ds if isinstance(ds, (list, tuple)) else [ds]) if isinstance(p, LabeledData)]
-    bad = {item: why for part in parts for item, why in find_bad_items(part).items()}
+    files = [o for part in parts for o in part.x.items if isinstance(o, (str, os.PathLike))]
+    bad = verify_images(files, progress=False)
     if len(bad) <= 1:
         return ImageLoadError(message)
-    return ImageLoadError(bad_images_message(bad, sum(map(len, parts))) + "\n(pass bad_images='skip' to leave them out)")
+    return unreadable_images_error(bad, sum(map(len, parts)))
 
 class ItemDataLoader(DataLoader):
-    "A `DataLoader` whose failed items (even in worker processes) raise one `ImageLoadError` naming the file(s)."
-    def __init__(self, dataset, batch_size:int=64, shuffle:bool=False, num_workers:int=0,
-                 skipped:dict|None=None, # path -> reason of files left out of `dataset` as unreadable (a record)
-                 **kwargs):
+    "A `DataLoader` whose unreadable images (even in worker processes) raise one `ImageLoadError` naming the file(s)."
+    def __init__(self, dataset, batch_size:int=64, shuffle:bool=False, num_workers:int=0, **kwargs):
         kwargs.setdefault("collate_fn", collate_items)
         super().__init__(dataset, batch_size, shuffle=shuffle, num_workers=num_workers, **kwargs)
-        self.skipped = dict(skipped or {})
+        self.skipped = {}  # path -> reason of files left out of `dataset` as unreadable (set by `image_folder_dls`)
 
     def __iter__(self):
         try:
@@ -610,7 +602,9 @@ def empty_class_folders(path:str|Path, # the dataset folder
 def check_classes(vocab:list, # the class names found in the training folder
                   folder:str|Path # that folder, for the message
                  ):
-    "Raise `ValueError` unless there are at least two classes: one class is no classification task."
+    "Raise unless there are at least two classes: none is an empty training folder, one is no classification task."
+    if not vocab:
+        raise FileNotFoundError(f"no training images in {folder}")
     if len(vocab) < 2:
         raise ValueError(f"only one class ({vocab[0]}) in {folder}: a classifier needs two or more class folders")
 
@@ -648,8 +642,7 @@ def image_folder_dls(path:str|Path, # folder with train_name/<class>/<image> and
                      drop_last:bool=False, # the training loader skips a last, smaller batch
                      **kwargs) -> DataLoaders: # passed on to the loaders
     "Image classification `DataLoaders` from a folder of class folders, split by folder name."
-    if bad_images not in ("raise", "skip"):
-        raise ValueError(f"bad_images must be 'raise' or 'skip', not {bad_images!r}")
+    _check_choice("bad_images", bad_images, ("raise", "skip"))
     for folder in empty_class_folders(path, [train_name, valid_name]):
         warnings.warn(f"class folder {folder} holds no image files: that class has no items there", stacklevel=2)
     items, bad = ImageList.from_files(path, include=[train_name, valid_name]), {}

@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from .config import _check_choice
 from .core import atomic_write, cache_dir, channel_stats, default_device, progress_bar
 from .datablock import (CategoryProcessor, IMAGE_EXTENSIONS, ImageLoadError, Normalize, ToFloatTensor,
-                                bad_images_message, check_classes, compose, get_files, load_image, parent_label)
+                                bad_images_message, check_classes, compose, get_files, load_image, parent_label,
+                                unreadable_images_error)
 from .datasets import fingerprint
 from .learner import DataLoaders
 
@@ -72,28 +74,41 @@ def _block_digests(path:Path, n:int, size:int, progress:bool, num_workers:int|No
                                  desc=f"verifying {path.name}", leave=False))
 
 def _problem(data:Path, record:Path, n:int, size:int, verify:str, progress:bool=False,
-             num_workers:int|None=None) -> str|None:
-    "Why the cache `data` (with its `record`) cannot be used as the images (n, 3, size, size); None when it checks out."
-    if not data.exists():
-        return "missing"
-    if not record.exists():
-        return "it has no record (its build was interrupted)"
+             num_workers:int|None=None) -> tuple[str|None, dict|None]:
+    "(None, the record) when the cache `data` holds the images (n, 3, size, size); else (why it cannot be used, None)."
+    try:
+        nbytes = data.stat().st_size
+    except FileNotFoundError:
+        return "missing", None
     try:
         rec = json.loads(record.read_text())
+    except FileNotFoundError:
+        return "it has no record (its build was interrupted)", None
     except (OSError, ValueError):
-        return "its record is unreadable"
+        return "its record is unreadable", None
     wanted = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "shape": [n, 3, size, size], "dtype": "uint8"}
     for key, value in wanted.items():
         if rec.get(key) != value:
-            return f"its record has {key} {rec.get(key)!r}, expected {value!r}"
-    if data.stat().st_size != n * 3 * size * size:
-        return f"it holds {data.stat().st_size} bytes, expected {n * 3 * size * size} (truncated?)"
+            return f"its record has {key} {rec.get(key)!r}, expected {value!r}", None
+    if nbytes != n * 3 * size * size:
+        return f"it holds {nbytes} bytes, expected {n * 3 * size * size} (truncated?)", None
     if verify == "full":
         digests = _block_digests(data, n, size, progress, num_workers)
         wrong = sum(a != b for a, b in zip(digests, rec.get("sha256", [])))
         if wrong or len(rec.get("sha256", [])) != len(digests):
-            return f"the sha256 checksum of {wrong or 'every one'} of its {len(digests)} blocks differs (corrupt data)"
-    return None
+            why = f"the sha256 checksum of {wrong or 'every one'} of its {len(digests)} blocks differs (corrupt data)"
+            return why, None
+    return None, rec
+
+def _identity(*paths:Path) -> tuple:
+    "Device, inode, size and modification time of each of `paths` (None if absent): a rebuilt file has new ones."
+    def one(path):
+        try:
+            s = path.stat()
+        except FileNotFoundError:
+            return None
+        return s.st_dev, s.st_ino, s.st_size, s.st_mtime_ns
+    return tuple(map(one, paths))
 
 # %% ../nbs/04b_fastdata.ipynb #7c5d22e2
 @contextmanager
@@ -138,8 +153,8 @@ def _reserve(f, nbytes:int):
         if e.errno not in (errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS):  # else: not supported here
             raise
 
-def _build(files:list[Path], size:int, data:Path, record:Path, progress:bool, num_workers:int|None):
-    "Decode `files` into the cache file `data` (through a temporary file), then write its `record`."
+def _build(files:list[Path], size:int, data:Path, record:Path, progress:bool, num_workers:int|None) -> dict:
+    "Decode `files` into the cache file `data` (through a temporary file), then write its `record` and return it."
     nbytes, rows_per_block = len(files) * 3 * size * size, _rows_per_block(size)
     digests, bad = [], {}
     def write(tmp):
@@ -165,6 +180,7 @@ def _build(files:list[Path], size:int, data:Path, record:Path, progress:bool, nu
     rec = {"format": CACHE_FORMAT, "version": CACHE_VERSION, "shape": [len(files), 3, size, size], "dtype": "uint8",
            "sha256": digests, "bad": {str(i): why for i, why in bad.items()}}
     atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(rec)))
+    return rec
 
 # %% ../nbs/04b_fastdata.ipynb #49207c70
 @dataclass
@@ -173,10 +189,6 @@ class ImageCache:
     images: torch.Tensor  # (n, 3, size, size) uint8, memory-mapped; the rows of unreadable files are zeros
     bad: dict  # row -> why its file could not be read (the message names the file)
     path: Path  # the cache file (its record is the .json beside it)
-
-def _check_choice(name:str, value:str, choices:tuple):
-    if value not in choices:
-        raise ValueError(f"{name} must be {' or '.join(map(repr, choices))}, not {value!r}")
 
 def open_image_cache(files:list[str|Path], # the images, in the order of the rows
                      size:int=128, # rows are size x size (shorter side resized, centre crop)
@@ -194,16 +206,35 @@ def open_image_cache(files:list[str|Path], # the images, in the order of the row
     stem = f"{re.sub(r'[^A-Za-z0-9._-]', '_', name)}-{size}px"  # a portable file name, whatever `name` holds
     key = f"{stem}-{len(files)}-{fingerprint(files, size)}"
     data, record = folder / f"{key}.u8", folder / f"{key}.json"
-    if _problem(data, record, len(files), size, verify, progress, num_workers) is not None:
+    seen = _identity(data, record)
+    problem, rec = _problem(data, record, len(files), size, verify, progress, num_workers)
+    if problem is not None:
         with _locked(folder / f".{stem}.lock"):
-            problem = _problem(data, record, len(files), size, verify, progress, num_workers)
+            if _identity(data, record) != seen:  # another process rebuilt it meanwhile: check it again
+                problem, rec = _problem(data, record, len(files), size, verify, progress, num_workers)
             if problem is not None:
                 if problem != "missing":
                     warnings.warn(f"image cache {data}: {problem}; rebuilding it", stacklevel=2)
                 _remove_ours(folder, stem)
-                _build(files, size, data, record, progress, num_workers)
-    bad = json.loads(record.read_text())["bad"]
-    return ImageCache(_map(data, len(files), size, shared=False), {int(i): why for i, why in bad.items()}, data)
+                rec = _build(files, size, data, record, progress, num_workers)
+    bad = {int(i): why for i, why in rec["bad"].items()}
+    return ImageCache(_map(data, len(files), size, shared=False), bad, data)
+
+def _kept(opened:ImageCache, files:list[Path]) -> tuple[torch.Tensor, list[Path]]:
+    "The images and files of `opened` without the rows that could not be read."
+    if not opened.bad:
+        return opened.images, files
+    keep = [i for i in range(len(files)) if i not in opened.bad]
+    return opened.images[keep], [files[i] for i in keep]  # the images: a copy, without the bad rows
+
+def _raise_or_skip(bad:dict, # path -> why it could not be read
+                   total:int, # the number of images
+                   bad_images:str): # 'raise' or 'skip'
+    "With `bad` files: the error that lists them, or (`'skip'`) a warning that they are left out."
+    if bad and bad_images == "raise":
+        raise unreadable_images_error(bad, total)
+    if bad:
+        warnings.warn(bad_images_message(bad, total, prefix="skipping "), stacklevel=3)
 
 def image_cache(files:list[str|Path], # the images, in the order of the rows
                 size:int=128, # rows are size x size (shorter side resized, centre crop)
@@ -214,16 +245,12 @@ def image_cache(files:list[str|Path], # the images, in the order of the rows
                 bad_images:str="raise", # unreadable files: 'raise' (listing them all) or 'skip' (their rows left out)
                 verify:str="full" # see `open_image_cache`
                ) -> torch.Tensor:
-    "All `files` as one uint8 tensor (N, 3, size, size), memory-mapped from the cache; built once, rebuilt when files change."
+    "All `files` as one uint8 tensor (N, 3, size, size), memory-mapped from the cache (see `open_image_cache`)."
     _check_choice("bad_images", bad_images, ("raise", "skip"))
+    files = [Path(f) for f in files]
     opened = open_image_cache(files, size, name, cache, progress, num_workers, verify)
-    if not opened.bad:
-        return opened.images
-    bad = {Path(files[i]): why for i, why in opened.bad.items()}
-    if bad_images == "raise":
-        raise ImageLoadError(bad_images_message(bad, len(files)) + "\n(pass bad_images='skip' to leave them out)")
-    warnings.warn(bad_images_message(bad, len(files), prefix="skipping "), stacklevel=2)
-    return opened.images[[i for i in range(len(files)) if i not in opened.bad]]  # a copy, without the bad rows
+    _raise_or_skip({files[i]: why for i, why in opened.bad.items()}, len(files), bad_images)
+    return _kept(opened, files)[0]
 
 # %% ../nbs/04b_fastdata.ipynb #7cf93b0a
 class DeviceLoader:
@@ -257,13 +284,6 @@ class DeviceLoader:
             yield compose(self.images[idx], self.batch_tfms), self.labels[idx]
 
 # %% ../nbs/04b_fastdata.ipynb #b45a59d5
-def _kept(opened:ImageCache, files:list[Path]) -> tuple[torch.Tensor, list[Path]]:
-    "The images and files of `opened` without the rows that could not be read."
-    if not opened.bad:
-        return opened.images, files
-    keep = [i for i in range(len(files)) if i not in opened.bad]
-    return opened.images[keep], [files[i] for i in keep]
-
 def cached_dataloaders(path:str|Path, # folder with train_name/<class>/<image> and valid_name/<class>/<image>
                        size:int=128, # cached images are size x size
                        bs:int=64, # training batch size
@@ -286,11 +306,7 @@ def cached_dataloaders(path:str|Path, # folder with train_name/<class>/<image> a
     opened = {part: open_image_cache(files, size, f"{Path(path).name}-{part}", cache, progress, num_workers, verify)
               for part, files in items.items()}
     skipped = {part: {files[i]: why for i, why in opened[part].bad.items()} for part, files in items.items()}
-    bad, total = {**skipped[train_name], **skipped[valid_name]}, sum(map(len, items.values()))
-    if bad and bad_images == "raise":
-        raise ImageLoadError(bad_images_message(bad, total) + "\n(pass bad_images='skip' to leave them out)")
-    if bad:
-        warnings.warn(bad_images_message(bad, total, prefix="skipping "), stacklevel=2)
+    _raise_or_skip({**skipped[train_name], **skipped[valid_name]}, sum(map(len, items.values())), bad_images)
     kept = {part: _kept(opened[part], files) for part, files in items.items()}
     proc = CategoryProcessor()
     proc.fit([parent_label(f) for f in kept[train_name][1]])

@@ -18,6 +18,8 @@ import sys
 import tarfile
 import threading
 import time
+import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -251,13 +253,17 @@ def test_killed_builds_leave_nothing_behind(tmp_path):
     assert len(names - set(theirs)) == 2  # the new data file and its record
 
 
+def _pixels_digest(images:torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().tobytes()).hexdigest()
+
+
 def _build_in_process(args):
     """One process of the concurrent-build test: for each trial, wait for the others, then open the same cache at the
-    same instant (a shared deadline, spun on), and return the sums of the pixels it got."""
+    same instant (a shared deadline, spun on), and return the SHA-256 of the pixels it got."""
     barrier, shared, folder, n_trials = args
     from dlcourse.fastdata import image_cache
     files = tiny_files()
-    sums = []
+    digests = []
     for trial in range(n_trials):
         if barrier.wait(60) == 0:  # one process (any) sets the start time
             shared["start"] = time.time() + 0.3
@@ -265,14 +271,14 @@ def _build_in_process(args):
         start = shared["start"]
         while time.time() < start:
             pass
-        sums.append(int(image_cache(files, 32, name="t", cache=Path(folder) / f"trial{trial}", progress=False,
-                                    num_workers=1).sum()))
-    return sums
+        digests.append(_pixels_digest(image_cache(files, 32, name="t", cache=Path(folder) / f"trial{trial}",
+                                               progress=False, num_workers=1)))
+    return digests
 
 
 def test_concurrent_builds_of_one_cache_all_succeed(tmp_path):
     """Three processes start building the same cache at the same moment, eight times over (each time over 50 stale
-    caches of the same name, which all of them want to remove): all succeed, with the same pixels."""
+    caches of the same name, which all of them want to remove): all succeed, with the pixels of an ordinary build."""
     n_procs, n_trials = 3, 8
     for trial in range(n_trials):
         folder = tmp_path / f"trial{trial}" / "image-cache"
@@ -285,7 +291,9 @@ def test_concurrent_builds_of_one_cache_all_succeed(tmp_path):
         with context.Pool(n_procs) as pool:
             work = pool.map_async(_build_in_process, [(barrier, shared, str(tmp_path), n_trials)] * n_procs)
             results = work.get(timeout=300)
-    assert all(r == results[0] for r in results), results
+    from dlcourse.fastdata import image_cache
+    single = _pixels_digest(image_cache(tiny_files(), 32, name="t", cache=tmp_path / "single", progress=False))
+    assert results == [[single] * n_trials] * n_procs, results
     for trial in range(n_trials):
         assert len(cache_files(tmp_path / f"trial{trial}")) == 2  # the data file and its record, no stale one
 
@@ -347,22 +355,64 @@ def test_cache_verification_modes(tmp_path):
         image_cache(files, 32, name="t", cache=tmp_path, verify="some")
 
 
+def test_a_corrupt_cache_is_hashed_once_and_a_rebuild_by_another_process_is_used(tmp_path, monkeypatch):
+    """Opening a corrupt cache reads its checksums once (not again under the lock) and rebuilds it; when another
+    process rebuilds it while this one waits for the lock, this one checks the new files and builds nothing."""
+    from dlcourse import fastdata
+    files = tiny_files()
+    first = fastdata.image_cache(files, 32, name="t", cache=tmp_path, progress=False).clone()
+    data = next((tmp_path / "image-cache").glob("t-*.u8"))
+    hashed, built = [], []
+    block_digests, build, locked = fastdata._block_digests, fastdata._build, fastdata._locked
+    monkeypatch.setattr(fastdata, "_block_digests",
+                        lambda path, *args: hashed.append(path) or block_digests(path, *args))
+    monkeypatch.setattr(fastdata, "_build", lambda *args: built.append(args[2]) or build(*args))
+    _flip(data)
+    with pytest.warns(UserWarning, match="checksum.*rebuilding"):
+        assert torch.equal(fastdata.image_cache(files, 32, name="t", cache=tmp_path, progress=False), first)
+    assert (hashed, built) == ([data], [data])
+    @contextmanager
+    def rebuilt_while_waiting(path):
+        with locked(path):
+            build(files, 32, data, data.with_suffix(".json"), False, None)  # another process, done before us
+            yield
+    monkeypatch.setattr(fastdata, "_locked", rebuilt_while_waiting)
+    _flip(data)
+    hashed.clear(), built.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(fastdata.image_cache(files, 32, name="t", cache=tmp_path, progress=False), first)
+    assert not [w for w in caught if "rebuilding" in str(w.message)], [str(w.message) for w in caught]
+    assert (hashed, built) == ([data, data], [])  # the corrupt file, then the one built meanwhile
+
+
 # ---------------------------------------------------------------- file names that are not UTF-8
 
 NON_UTF8 = os.fsdecode(b"caf\xff-photo.JPEG")  # the byte 0xff, as Python spells it in a str (surrogateescape)
 
 
 def test_non_utf8_file_names_in_both_loaders(tmp_path):
-    from dlcourse.datablock import image_folder_dls
-    from dlcourse.fastdata import cached_dataloaders
+    """A file renamed to a name that is not UTF-8 loads like any other: its row holds its pixels, with its label."""
+    from dlcourse.datablock import IMAGE_EXTENSIONS, ItemList, get_files, image_folder_dls
+    from dlcourse.fastdata import _square, cached_dataloaders
     root = image_folder(tmp_path / "data")
     one = next((root / "train" / "n01440764").iterdir())
-    os.rename(one, one.parent / NON_UTF8)
+    reference = shutil.copy(one, tmp_path / "reference.JPEG")  # the same bytes under a plain name
+    renamed = one.parent / NON_UTF8
+    os.rename(one, renamed)
+    row = get_files(root / "train", IMAGE_EXTENSIONS).index(renamed)
     cached = cached_dataloaders(root, size=32, bs=4, valid_name="val", device="cpu", cache=tmp_path / "c",
                                 progress=False)
     assert sum(len(yb) for _, yb in cached.train) == 12
+    assert torch.equal(cached.train.images[row], torch.from_numpy(_square(Path(reference), 32)).permute(2, 0, 1))
+    assert cached.train.vocab[int(cached.train.labels[row])] == "n01440764"
     items = image_folder_dls(root, size=32, bs=4, valid_name="val", progress=False)
     assert sum(len(yb) for _, yb in items.train) == 12
+    ds = items.train.dataset
+    assert ds.x.items[row] == renamed
+    x, y = ds[row]
+    assert torch.equal(x, ItemList([reference], tmp_path, ds.x.tfms)[0])
+    assert ds.vocab[y] == "n01440764"
 
 
 def test_non_utf8_bad_file_is_named(tmp_path):
@@ -472,6 +522,38 @@ def test_skip_bad_images_records_them(tmp_path, loader):
     assert dls.valid.skipped == {}
     ys = torch.cat([yb for _, yb in dls.valid])
     assert ys.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("loader", ["items", "cached"])
+def test_every_training_image_skipped_is_a_one_line_error(tmp_path, loader):
+    from dlcourse.datablock import image_folder_dls
+    from dlcourse.fastdata import cached_dataloaders
+    root = image_folder(tmp_path / "data")
+    for path in (root / "train").rglob("*.JPEG"):
+        path.write_bytes(b"")
+    with pytest.raises(FileNotFoundError) as info, pytest.warns(UserWarning, match="skipping 12 unreadable images"):
+        if loader == "items":
+            image_folder_dls(root, size=32, valid_name="val", progress=False, bad_images="skip")
+        else:
+            cached_dataloaders(root, size=32, valid_name="val", device="cpu", cache=tmp_path / "c", progress=False,
+                               bad_images="skip")
+    assert str(info.value) == f"no training images in {root / 'train'}"
+
+
+def _broken_transform(x):
+    raise TypeError("a transform that fails on every item")
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_an_error_in_a_transform_is_not_a_bad_image(tmp_path, num_workers):
+    """A transform raising TypeError on readable images: the TypeError reaches the caller, from this process and from
+    a worker alike, not an error listing the images as unreadable."""
+    from dlcourse.datablock import ItemDataLoader, ItemList, LabeledData, OpenImage, ResizeFixed, ToByteTensor
+    items = ItemList(tiny_files(8), tmp_path, [OpenImage(), ResizeFixed(32), ToByteTensor(), _broken_transform])
+    dl = ItemDataLoader(LabeledData(items, ItemList([0] * 8)), batch_size=2, num_workers=num_workers)
+    with pytest.raises(TypeError, match="a transform that fails on every item") as info:
+        next(iter(dl))
+    assert "unreadable" not in str(info.value), info.value
 
 
 def test_decompression_bomb_is_refused_naming_the_file(tmp_path, monkeypatch):
