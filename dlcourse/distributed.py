@@ -140,10 +140,15 @@ def _barrier(where:str):
 class DistributedTimeoutError(RuntimeError):
     "A collective that timed out because some rank stopped answering; the message names the ranks."
 
+_TIMEOUT_TEXT = re.compile(
+    r"Timed out waiting \d+ms"  # gloo, in the collective that waited: "... for recv (send) operation to complete"
+    r"|Application timeout caused pair closure"  # gloo, in the next collective on the same group
+    r"|Watchdog caught collective operation timeout|timed out in blocking wait"  # NCCL (DistBackendError)
+    r"|wait timeout after \d+ms")  # the key-value store (DistStoreError)
+
 def is_timeout(err:BaseException) -> bool:
     "Whether `err` is a collective (or store) operation that timed out, as gloo, NCCL and the store word it."
-    text = str(err).lower()
-    return isinstance(err, RuntimeError) and ("timed out" in text or "timeout" in text)
+    return isinstance(err, RuntimeError) and _TIMEOUT_TEXT.search(str(err)) is not None
 
 def silent_ranks(grace_s:float=3. # how long to wait for the other ranks that timed out to report
                 ) -> list[int]|None:
@@ -163,14 +168,17 @@ def silent_ranks(grace_s:float=3. # how long to wait for the other ranks that ti
 
 def timeout_error(err:BaseException, # the timeout raised by the collective
                   timeout_s:float|None, # the process group's timeout, if known
-                  where:str # what this rank was waiting in, for the message
+                  where:str, # what this rank was waiting in, for the message
+                  kill:bool=False # SIGKILL this machine's processes of the silent ranks (see `kill_rank_processes`)
                  ) -> DistributedTimeoutError:
     "The one-line error for a collective that timed out, naming the ranks that stopped responding (see `silent_ranks`)."
-    return _timeout_error(err, timeout_s, where, silent_ranks())
+    silent = silent_ranks()
+    ended = kill_rank_processes(silent) if kill and silent else []
+    return _timeout_error(err, timeout_s, where, silent, ended)
 
 def _timeout_error(err:BaseException, timeout_s:float|None, where:str, silent:list[int]|None,
                    ended:list[int]=()) -> DistributedTimeoutError:
-    "`timeout_error` with the silent ranks already known, and the ranks whose processes were ended here."
+    "The error of `timeout_error`, from the silent ranks and the ranks whose processes were ended here."
     if silent:
         who = f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))} stopped responding"
     else:
@@ -452,9 +460,7 @@ class DistributedTraining(Callback):
             self._restore(learn)
         finally:
             if learn.error is not None and is_timeout(learn.error):  # name the ranks that stopped, while we still can
-                silent = silent_ranks()
-                ended = kill_rank_processes(silent) if self.kill_silent and silent else []
-                self.report.error = _timeout_error(learn.error, self.timeout_s, _where(learn), silent, ended)
+                self.report.error = timeout_error(learn.error, self.timeout_s, _where(learn), self.kill_silent)
             if learn.error is not None:  # an error ends the fit: this process is going down, leave the group now
                 destroy_distributed()
 
@@ -492,7 +498,7 @@ class _GatherRNG(Callback):
 
 class _TimeoutReport(Callback):
     "Added by `DistributedTraining` for one fit: at its very end, a timed-out fit raises a `DistributedTimeoutError`."
-    order = ORDER["gather"]  # the highest order: after every other callback's after_fit (clean-up first)
+    order = ORDER["timeout_report"]  # after every other callback's after_fit (clean-up first)
 
     def __init__(self):
         self.error = None

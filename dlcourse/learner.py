@@ -67,6 +67,7 @@ ORDER = {  # every callback's `order`, in one table (lower runs first at each ev
     "precision": 80,       # AMP, MixedPrecision: cast the final batch, change the model's dtype in before_fit
     "channels_last": 81,   # ChannelsLast: after the precision cast of the batch
     "gather": 100,         # the collector of `get_preds`: sees the final predictions
+    "timeout_report": 110, # DistributedTraining's report of a timed-out fit: after every other after_fit
 }
 
 class Callback:

@@ -27,7 +27,6 @@ from .core import atomic_write, keep_modes, plain_model
 from .datasets import file_hash
 from .init import init_kaiming
 from .learner import ORDER, Callback
-from .optimizers import param_groups
 from .schedule import fit_one_cycle
 
 # %% ../nbs/11_transfer_learning.ipynb #a0ecc8ad
@@ -560,25 +559,22 @@ def group_lrs(lr:float, # the head's learning rate
         return [lr]
     return [lr / body_div ** (1 - i / (n_groups - 1)) for i in range(n_groups)]
 
-def _default_wd(opt_func) -> float:
-    "The weight decay the optimizers of `opt_func` apply by default (their `wd` or `weight_decay`; 0 if none)."
-    probe = opt_func([nn.Parameter(torch.zeros(1))], lr=1e-3)
-    return float(probe.defaults.get("wd", probe.defaults.get("weight_decay", 0.)))
-
 def make_group_opt(learn, # a `dlcourse.learner.Learner`
                    groups:list, # lists of parameters (see `layer_groups`)
                    lr:float|list|None=None, # one learning rate, or one per group (default: the learner's)
                    wd:float|None=None # weight decay of the weights (default: the optimizer's own)
                   ):
-    "Give `learn` parameter groups (`learn.params`): each of `groups` split into decayed weights and undecayed biases and norms."
+    "Give `learn` parameter groups (`learn.params`, frozen ones included): each of `groups` as decayed weights and undecayed biases and norms."
     lr = learn.lr if lr is None else lr
     lrs = lr if isinstance(lr, (list, tuple)) else [lr] * len(groups)
     if len(lrs) != len(groups):
         raise ValueError(f"{len(lrs)} learning rates for {len(groups)} parameter groups")
-    wd = _default_wd(learn.opt_func) if wd is None else wd
-    learn.params = [group for i, (params, group_lr) in enumerate(zip(groups, lrs))
-                    for group in param_groups([{"params": params, "lr": group_lr, "layer_group": i}], wd,
-                                              key="weight_decay")]  # read as `wd` by the optimizers of 05
+    decay = {} if wd is None else {"weight_decay": wd}  # no key: the optimizer's default fills it in
+    learn.params = []
+    for i, (params, group_lr) in enumerate(zip(groups, lrs)):  # `weight_decay` is read as `wd` by 05's optimizers
+        weights, others = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
+        learn.params += [{"params": members, "lr": group_lr, "layer_group": i, **hyper}
+                         for members, hyper in ((weights, decay), (others, {"weight_decay": 0.})) if members]
     learn.make_opt(lrs[-1])
     return learn.opt
 

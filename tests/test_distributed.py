@@ -1,7 +1,7 @@
 """DDP as a notebook cannot hold it: 2 processes launched by torchrun, gloo on the CPU, the bundled tiny Imagenette.
 
 Run as a test: `pytest tests/test_distributed.py`. The same file is the worker script torchrun starts:
-`torchrun --nproc_per_node=2 tests/test_distributed.py train OUT_DIR CACHE_DIR` (or `fail`).
+`torchrun --nproc_per_node=2 tests/test_distributed.py train OUT_DIR CACHE_DIR` (or `fail`, `timeout`).
 """
 import io
 import json
@@ -148,6 +148,28 @@ def worker_fail(out, cache):
     learn = learner(make_model(), device_dls(cache, BS), cbs=[DistributedTraining(), FailCB(rank=1), ProbeCB(out)],
                     progress=False)
     learn.fit(EPOCHS)
+
+
+def worker_timeout(out, cache):
+    """Rank 1 does not come: rank 0 waits 2 s in an all-reduce, then in a barrier; what gloo raises, and is_timeout's word."""
+    import torch.distributed as dist
+    from dlcourse.distributed import init_distributed, is_timeout
+    init_distributed("cpu", timeout_s=2)
+    done = Path(out) / "timeouts.json"
+    if dist.get_rank() == 1:
+        for _ in range(300):  # until rank 0 is done, 30 s at most
+            if done.exists():
+                break
+            time.sleep(0.1)
+        os._exit(0)  # no clean-up: the group is broken
+    errors = []
+    for collective in (lambda: dist.all_reduce(torch.ones(3)), dist.barrier):
+        try:
+            collective()
+        except RuntimeError as err:
+            errors.append({"type": type(err).__name__, "text": str(err), "is_timeout": is_timeout(err)})
+    done.write_text(json.dumps(errors))
+    os._exit(0)
 
 
 # ---------------------------------------------------------------- the tests (the parent process)
@@ -306,6 +328,34 @@ def test_failing_rank_ends_the_launch(cache, tmp_path):
     assert state == {"group_initialized": False, "model": "Sequential"}
 
 
+def test_gloo_timeouts_are_timeouts(cache, tmp_path):
+    """The errors gloo raises when a rank does not come, in the collective that waited and in the next one, are
+    timeouts (`is_timeout`): the wordings of PyTorch 2.14's gloo, from a real run."""
+    proc, _ = torchrun("timeout", tmp_path, cache, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    errors = json.loads((tmp_path / "timeouts.json").read_text())
+    assert len(errors) == 2, errors
+    assert "Timed out waiting 2000ms for recv operation to complete" in errors[0]["text"], errors
+    assert errors[1]["text"] == "Application timeout caused pair closure", errors
+    assert [e["is_timeout"] for e in errors] == [True, True]
+
+
+def test_dataloader_timeout_is_not_a_collective_timeout():
+    """A DataLoader worker slower than the loader's `timeout` raises a RuntimeError that says "timed out": a slow
+    rank, not a silent one, so `is_timeout` is False (after_fit would otherwise kill ranks that are fine)."""
+    from dlcourse.distributed import is_timeout
+
+    class Slow(TensorDataset):
+        def __getitem__(self, i):
+            time.sleep(2)
+            return super().__getitem__(i)
+
+    loader = DataLoader(Slow(torch.zeros(1)), num_workers=1, timeout=0.2)
+    with pytest.raises(RuntimeError, match="DataLoader timed out after") as info:
+        next(iter(loader))
+    assert not is_timeout(info.value)
+
+
 def test_no_op_without_launcher(cache, monkeypatch):
     """In a plain process DistributedTraining changes nothing: same model object, same loaders, same results."""
     from dlcourse.distributed import LAUNCH_VARS, DistributedTraining
@@ -319,7 +369,7 @@ def test_no_op_without_launcher(cache, monkeypatch):
 
 
 if __name__ == "__main__":
-    {"train": worker_train, "fail": worker_fail}[sys.argv[1]](sys.argv[2], sys.argv[3])
+    {"train": worker_train, "fail": worker_fail, "timeout": worker_timeout}[sys.argv[1]](sys.argv[2], sys.argv[3])
 
 
 def test_cli_under_torchrun(tmp_path):

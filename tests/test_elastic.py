@@ -79,11 +79,12 @@ def wait_for(path, procs, timeout=LIMIT):
 
 def worker_pids(procs) -> dict[int, int]:
     """{rank: pid} of the workers the torchrun agents `procs` started (their children with a RANK)."""
+    from dlcourse.distributed import _environment
     found = {}
     for proc in procs:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
         for pid in map(int, children):
-            env = dict(kv.split("=", 1) for kv in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in kv)
+            env = _environment(pid) or {}
             if "RANK" in env:
                 found[int(env["RANK"])] = pid
     return found
@@ -169,7 +170,6 @@ def test_killed_rank_restarts_and_resumes(reference, cache, tmp_path):
     assert 1 <= after < EPOCHS, after
     assert f"--resume auto: continuing {Path('runs') / 'train-001'} from its checkpoint, after {after} of {EPOCHS} " \
            f"epochs" in printed
-    assert "Sending process" in errors or "restart" in errors.lower()  # torchrun's own words about the restart
     diff = weights_diff(folder, reference)
     print(f"\nkilled rank 1 (SIGKILL) at {killed_at:.1f} s, after the checkpoint of epoch {after - 1}; "
           f"the launch ended at {time.monotonic() - start_time:.1f} s, status {status[0]}")
@@ -217,17 +217,14 @@ SMALL = ["train", "--data", "tiny", "--device", "cpu", "--size", "16", "--epochs
          "0.25", "--no-progress"]
 
 
-LAUNCH = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID",
-          "TORCHELASTIC_RESTART_COUNT")
-
-
 @pytest.fixture
 def dlcourse(cache, monkeypatch, capsys):
     """`dlcourse ARGS` in this process (PyTorch imported once), as a plain process: (status, stdout, stderr)."""
     from dlcourse.cli import main
+    from dlcourse.distributed import LAUNCH_VARS
     monkeypatch.setenv("DLCOURSE_CACHE", str(cache))
     monkeypatch.delenv("DLCOURSE_DEBUG", raising=False)
-    for name in LAUNCH:
+    for name in (*LAUNCH_VARS, "TORCHELASTIC_RUN_ID", "TORCHELASTIC_RESTART_COUNT"):
         monkeypatch.delenv(name, raising=False)
 
     def run(*args, env=None):
