@@ -25,6 +25,10 @@ from .config import TrainConfig, check_field
 # %% ../nbs/13_cli.ipynb #b14fc9d1
 AUTO_ON_OFF = {"auto": None, "on": True, "off": False}  # a `bool|None` field on the command line
 
+def _auto_on_off(value:bool|None) -> str:
+    "The command-line text of a `bool|None` value: None -> 'auto', True -> 'on', False -> 'off'."
+    return next(text for text, v in AUTO_ON_OFF.items() if v is value)
+
 def flag_name(name:str) -> str:
     "The command-line flag of the field `name`: `label_smoothing` -> `--label-smoothing`."
     return "--" + name.replace("_", "-")
@@ -58,7 +62,7 @@ def flag_args(f, value) -> list[str]:
     if f.type is bool:
         return [flag_name(f.name) if value else "--no-" + f.name.replace("_", "-")]
     if f.type == bool | None:
-        return [flag_name(f.name), next(text for text, v in AUTO_ON_OFF.items() if v is value)]
+        return [flag_name(f.name), _auto_on_off(value)]
     return [flag_name(f.name), str(value)]
 
 # %% ../nbs/13_cli.ipynb #778bacb7
@@ -75,9 +79,7 @@ def _choices(f) -> list|None:
 
 def _flag_default(f):
     "The default of the field `f` as its flag's (a `bool|None` one as auto/on/off text, which argparse parses)."
-    if f.type == bool | None:
-        return next(text for text, value in AUTO_ON_OFF.items() if value is f.default)
-    return f.default
+    return _auto_on_off(f.default) if f.type == bool | None else f.default
 
 def add_config_flags(parser:argparse.ArgumentParser, # the parser (or sub-command) to add the flags to
                      config_cls=TrainConfig, # a dataclass whose fields are made with `setting`
@@ -88,7 +90,7 @@ def add_config_flags(parser:argparse.ArgumentParser, # the parser (or sub-comman
         default = argparse.SUPPRESS if suppress else _flag_default(f)
         if f.type is bool:
             parser.add_argument(flag_name(f.name), dest=f.name, action=argparse.BooleanOptionalAction,
-                                default=argparse.SUPPRESS if suppress else f.default, help=help)
+                                default=default, help=help)
             continue
         choices = _choices(f)
         parser.add_argument(flag_name(f.name), dest=f.name, type=flag_type(f), default=default, help=help,
@@ -280,6 +282,11 @@ def _has_checkpoint(folder:Path) -> bool:
     from dlcourse.transfer import MANIFEST
     return (Path(folder) / "checkpoint" / MANIFEST).is_file()
 
+def _checkpoint_epoch(folder:Path) -> int|None:
+    "The epochs done by the last checkpoint of the run in `folder` (None: it has no checkpoint)."
+    from dlcourse.transfer import checkpoint_files
+    return checkpoint_files(Path(folder) / "checkpoint", verify=False)["epoch"] if _has_checkpoint(folder) else None
+
 # %% ../nbs/13_cli.ipynb #d907dec6
 def plot_title(results:dict) -> str:
     "The title of a run's plot: the model, the data, the image size and the final accuracy."
@@ -313,7 +320,7 @@ def one_line(err:BaseException) -> str:
     return message.replace("pass bad_images='skip'", "add --skip-bad-images")
 
 def _prepare(cfg:TrainConfig, timeout:float|None=None) -> tuple:
-    "The run's data, and the callbacks distribution needs (under torchrun the first process prepares the data first)."
+    "This process's copy of the settings (its device and seed), the data, and the callbacks distribution needs."
     import warnings
     from dlcourse.distributed import (DistributedTraining, distributed_device, get_rank, init_distributed,
                                       is_distributed_launch, main_process_first)
@@ -322,14 +329,14 @@ def _prepare(cfg:TrainConfig, timeout:float|None=None) -> tuple:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"skipping \d+ unreadable image")  # listed in the run folder instead
         if not is_distributed_launch():
-            return prepare_data(cfg), cbs
-        cfg.device = str(distributed_device(cfg.device))  # cuda:LOCAL_RANK on GPUs, before any data goes to one
+            return cfg, prepare_data(cfg), cbs
+        cfg = replace(cfg, device=str(distributed_device(cfg.device)))  # cuda:LOCAL_RANK on GPUs, before any data
         init_distributed(cfg.device, timeout_s=timeout)
         with main_process_first():  # rank 0 extracts an archive and writes the image cache once; the others reuse them
             data = prepare_data(cfg)
     cbs.append(DistributedTraining(seed=cfg.seed, timeout_s=timeout))
-    cfg.seed += get_rank()  # different augmentation per rank; DDP starts every rank from rank 0's weights
-    return data, cbs
+    # a seed per rank: different augmentation on each (DDP starts every rank from rank 0's weights)
+    return replace(cfg, seed=cfg.seed + get_rank()), data, cbs
 
 def _start_record(command:str, argv:list, cfg:TrainConfig, options:dict, data, head:str) -> dict:
     "What a run records in results.json as it starts: the command, every setting, how to use its model."
@@ -383,7 +390,7 @@ def run_in_folder(command:str, # the sub-command: 'train' or 'finetune'
     from dlcourse.distributed import is_main_process
     from dlcourse.train import MetricsLog, SaveBest, epoch_row, format_table, make_learner, run_results, summary_rows
     from dlcourse.transfer import SaveCheckpoint, save_checkpoint
-    data, dist_cbs = _prepare(cfg, options.get("timeout"))
+    run_cfg, data, dist_cbs = _prepare(cfg, options.get("timeout"))  # cfg: the settings as given, recorded
     main = is_main_process()
     record = _start_record(command, argv, cfg, options, data, head)
     if resumed is not None:
@@ -405,8 +412,8 @@ def run_in_folder(command:str, # the sub-command: 'train' or 'finetune'
     if options.get("save_best"):
         run_cbs.append(SaveBest(lambda learn, done: save_checkpoint(learn, folder / "checkpoint", done, name="best")))
     try:
-        model = None if model_fn is None else model_fn(cfg, data)
-        learn, resolved = make_learner(cfg, data, run_cbs, model=model)
+        model = None if model_fn is None else model_fn(run_cfg, data)
+        learn, resolved = make_learner(run_cfg, data, run_cbs, model=model)
         fit(learn)
     except BaseException as err:
         epochs = cfg.epochs + options.get("freeze_epochs", 0)
@@ -436,14 +443,15 @@ def resumed_config(record:dict, # the record (results.json) of the run to resume
 
 def resume_train(args:argparse.Namespace, given:set,
                  folder:str|Path|None=None, # the run to continue (default: --resume RUN_DIR); given by --resume auto
-                 again:bool=False # start the run over in its folder (it stopped before its first checkpoint)
+                 record:dict|None=None, # its record, when --resume auto has read it (default: read here)
+                 done:int|None=None # the epochs its checkpoint holds, 0 to start the run over (default: read here)
                 ) -> dict:
     "`dlcourse train --resume RUN_DIR`: continue the run in RUN_DIR from its last checkpoint, with its settings."
     from dlcourse.config import pick
     from dlcourse.train import SCHEDULES, fit_recipe
-    from dlcourse.transfer import checkpoint_files, resume
+    from dlcourse.transfer import resume
     auto, folder = folder is not None, Path(args.resume if folder is None else folder)
-    record = _train_record(folder)
+    record = _train_record(folder) if record is None else record
     if "out" in given and not auto:
         raise UsageError(f"--out does not go with --resume: the run continues in its own folder, {folder}")
     cfg = resumed_config(record, args, given)
@@ -454,14 +462,15 @@ def resume_train(args:argparse.Namespace, given:set,
         options["timeout"] = args.timeout
     if record["status"] == "finished":
         raise UsageError(f"{folder} finished all its {cfg.epochs} epochs: nothing to resume")
-    if again:
-        done, record = 0, {k: v for k, v in record.items() if k != "epochs"}
+    if done is None:
+        done = _checkpoint_epoch(folder)
+        if done is None:
+            raise RunError(f"{folder} has no checkpoint: the run stopped before its first epoch ended; start it again")
+    if done == 0:  # --resume auto on a run that stopped before its first checkpoint: start it over
+        record = {k: v for k, v in record.items() if k != "epochs"}
         def fit(learn):
             fit_recipe(learn, cfg)
-    elif not _has_checkpoint(folder):
-        raise RunError(f"{folder} has no checkpoint: the run stopped before its first epoch ended; start it again")
     else:
-        done = checkpoint_files(folder / "checkpoint", verify=False)["epoch"]
         def fit(learn):
             resume(learn, folder / "checkpoint", fit=pick(SCHEDULES, cfg.sched, "sched"), lr=cfg.lr)
     resumed = {**record, "run_folder": str(folder), "resumed_after": [*record.get("resumed_after", []), done]}
@@ -501,30 +510,31 @@ def find_launch_run(run_id:str, # torchrun's rendezvous id (see `elastic_run_id`
     return max(found, key=_run_number, default=None)
 
 def auto_target(out:str|None # --out, or None: the run of this launch's rendezvous id
-               ) -> tuple[str, Path|None, str]:
-    "What `--resume auto` does: ('new'|'resume'|'again'|'finished', the run's folder, the line that says so)."
+               ) -> tuple[str, Path|None, dict|None, int|None, str]:
+    "What `--resume auto` does: ('new'|'resume'|'again'|'finished', the folder, its record, its epochs done, the line)."
     from dlcourse.distributed import elastic_run_id
-    from dlcourse.transfer import checkpoint_files
     if out is not None:
         folder = Path(out)
         if not folder.exists() or (folder.is_dir() and not any(folder.iterdir())):
-            return "new", folder, f"--resume auto: no run in {folder} yet: starting it"
+            return "new", folder, None, None, f"--resume auto: no run in {folder} yet: starting it"
         if not (folder / "results.json").is_file():
             raise UsageError(f"--out {folder} holds files but no dlcourse run: --resume auto continues a run of its "
                              f"own, it does not write among other files")
     else:
         folder = find_launch_run(elastic_run_id())
         if folder is None:
-            return "new", None, "--resume auto: no run of this launch yet: starting one"
+            return "new", None, None, None, "--resume auto: no run of this launch yet: starting one"
     record = _train_record(folder)
     epochs = record["settings"]["epochs"]
     if record.get("status") == "finished":
         done = f"{epochs} epoch{'s' if epochs != 1 else ''}"
-        return "finished", folder, f"--resume auto: {folder} has finished ({done}): nothing left to do"
-    if not _has_checkpoint(folder):
-        return "again", folder, f"--resume auto: {folder} stopped before its first checkpoint: starting it again there"
-    done = checkpoint_files(folder / "checkpoint", verify=False)["epoch"]
-    return "resume", folder, f"--resume auto: continuing {folder} from its checkpoint, after {done} of {epochs} epochs"
+        return "finished", folder, record, epochs, f"--resume auto: {folder} has finished ({done}): nothing left to do"
+    done = _checkpoint_epoch(folder)
+    if done is None:
+        return "again", folder, record, 0, (f"--resume auto: {folder} stopped before its first checkpoint: "
+                                            "starting it again there")
+    return "resume", folder, record, done, (f"--resume auto: continuing {folder} from its checkpoint, after {done} "
+                                            f"of {epochs} epochs")
 
 def auto_train(args:argparse.Namespace, given:set) -> dict:
     "`dlcourse train --resume auto`: continue this command's run if it has one (after a torchrun restart), else start it."
@@ -537,16 +547,15 @@ def auto_train(args:argparse.Namespace, given:set) -> dict:
     if is_distributed_launch():  # rank 0 looks for the run; every rank follows its answer
         init_distributed(distributed_device(args.device), timeout_s=args.timeout)
         given = given | {"device"}  # a resumed run trains on the device the group was just started for
-    kind, folder, message = on_main_process(lambda: auto_target(args.out))
+    kind, folder, record, done, message = on_main_process(lambda: auto_target(args.out))
     if is_main_process():
         print(message, flush=True)
     if kind == "new":
         return new_train(args)
     if kind == "finished":
-        record = read_record(folder)
         resumed_config(record, args, given)  # a flag that changes the run is refused here too: not this command's run
         return record
-    return resume_train(args, given, folder, again=kind == "again")
+    return resume_train(args, given, folder, record, done)  # every rank: rank 0's record, its checkpoint's epoch
 
 # %% ../nbs/13_cli.ipynb #90a103ee
 def _unfrozen(learn) -> str:
@@ -562,7 +571,7 @@ def run_finetune(args:argparse.Namespace, given:set) -> dict:
     from dlcourse.transfer import fine_tune, transfer_model
     if is_distributed_launch():
         raise UsageError("finetune runs in a single process, not under torchrun")
-    _, source = find_weights(args.source)
+    weights, source = find_weights(args.source)
     cfg = config_from_args(args)
     for name in ("arch", "act", "width"):  # the body's architecture is the trained model's
         if name in given and getattr(cfg, name) != source["model"][name]:
@@ -573,7 +582,7 @@ def run_finetune(args:argparse.Namespace, given:set) -> dict:
     options = {"source": str(args.source), "freeze_epochs": args.freeze_epochs, "save_best": args.save_best}
 
     def model_fn(cfg, data):
-        body, _ = load_model(args.source)
+        body = _trained_model(weights, source["model"])
         set_seed(cfg.seed)  # the new head's initial weights
         return transfer_model(body, len(dls_vocab(data.dls)))
 
@@ -601,9 +610,9 @@ def run_lr_find(args:argparse.Namespace, given:set) -> dict:
     from dlcourse.train import make_learner
     cfg = config_from_args(args)
     check_out(args.out)
-    data, _ = _prepare(cfg)
+    run_cfg, data, _ = _prepare(cfg)
     folder = new_run_folder(args.out, "lr-find")
-    learn, _ = make_learner(replace(cfg, stop_on_nan=False), data)  # the range test drives the loss up on purpose
+    learn, _ = make_learner(replace(run_cfg, stop_on_nan=False), data)  # the range test drives the loss up on purpose
     found = lr_find(learn, start_lr=args.start_lr, end_lr=args.end_lr, num_it=args.num_it)
     lr, rule = float(f"{found.suggestion:.1e}"), found.rule  # 02_schedule's rule, as in a notebook
     fig = Figure(figsize=(6, 4), layout="tight")
@@ -659,16 +668,22 @@ def build_model(spec:dict):
     model = make_model(cfg, spec["n_classes"])
     return transfer_model(model, spec["n_classes"]) if spec["head"] == "transfer" else model
 
+def _trained_model(weights:str|Path, # a weights file (see `find_weights`)
+                  spec:dict, # the architecture it holds (see `model_spec` in 10_train_imagenette)
+                  device:str="cpu"): # where the model goes ('auto': the best device here)
+    "The model `spec` describes with the weights of `weights` (loaded strictly), on `device`, in eval mode."
+    from dlcourse.core import default_device
+    from dlcourse.transfer import load_weights
+    model = build_model(spec)
+    load_weights(model, weights)
+    return model.to(default_device(device)).eval()
+
 def load_model(path:str|Path, # a run folder of dlcourse train or finetune, its checkpoint folder, or its weights
                device:str="cpu", # where the model goes ('auto': the best device here)
                slot:str|None=None): # a checkpoint slot ('last', 'best') instead of the final weights
     "The trained model of a run, in eval mode, and the preprocessing its images need (size, resize, mean, std, classes)."
-    from dlcourse.core import default_device
-    from dlcourse.transfer import load_weights
     weights, record = find_weights(path, slot)
-    model = build_model(record["model"])
-    load_weights(model, weights)
-    return model.to(default_device(device)).eval(), record["preprocessing"]
+    return _trained_model(weights, record["model"], device), record["preprocessing"]
 
 # %% ../nbs/13_cli.ipynb #4a89bbe4
 RESIZES = ("crop", "squash")  # how training made an image square (see RESIZE_METHODS in 10_train_imagenette)
@@ -702,10 +717,10 @@ def image_batch(paths:list, prep:dict):
 
 def image_files(paths:list) -> list:
     "The image files named by `paths`: files as they are, folders searched (recursively) for images."
-    from dlcourse.datablock import IMAGE_EXTENSIONS, get_files
     found = []
     for path in map(Path, paths):
         if path.is_dir():
+            from dlcourse.datablock import IMAGE_EXTENSIONS, get_files
             images = get_files(path, IMAGE_EXTENSIONS)
             if not images:
                 raise FileNotFoundError(f"{path}: no image files in this folder")
@@ -748,8 +763,9 @@ def format_predictions(results:list[dict]) -> str:
 
 def run_predict(args:argparse.Namespace, given:set) -> list[dict]:
     "`dlcourse predict`: print the top classes of each image, as a table or JSON."
+    files = image_files(args.images)  # a missing image is an error before the model is loaded
     model, prep = load_model(args.model, args.device, args.checkpoint)
-    results = predict_images(model, prep, image_files(args.images), args.top_k, args.bs)
+    results = predict_images(model, prep, files, args.top_k, args.bs)
     print(json.dumps(results, indent=1) if args.json else format_predictions(results), flush=True)
     return results
 

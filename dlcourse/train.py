@@ -17,7 +17,6 @@ import json
 import math
 import os
 import platform
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -29,7 +28,7 @@ from torch import nn
 
 from .augment import AffineAugment, BatchRandomResizedCrop
 from .config import TrainConfig, check_config, pick
-from .core import atomic_write, cache_dir, default_device, in_notebook, set_seed
+from .core import atomic_write, bar_kind, default_device, set_seed
 from .datablock import IMAGE_EXTENSIONS, Normalize, compose, get_files, image_folder_dls, skipped_images
 from .datasets import resolve_data, valid_folder_name
 from .fastdata import cached_dataloaders
@@ -128,8 +127,9 @@ check_tables()
 
 # %% ../nbs/10_train_imagenette.ipynb #5d1e0a0a
 def show_bars(progress:bool) -> bool:
-    "Whether to draw progress bars: when asked for, and stderr is a terminal or this runs in a Jupyter kernel."
-    return progress and (sys.stderr.isatty() or in_notebook())
+    "Whether `progress_bar` draws bars (00_core's `bar_kind`): asked for, not disabled, in Jupyter or on a terminal."
+    kind = bar_kind(progress)
+    return kind != "none" and (kind != "auto" or sys.stderr.isatty())
 
 def make_dls(cfg:TrainConfig, # the run's settings (loader, size, bs, num_workers, progress, skip_bad_images)
              root:Path, # the dataset folder (see `resolve_data`)
@@ -237,16 +237,13 @@ def _needs(cfg:TrainConfig, n_images:int, device:torch.device) -> list[tuple]:
     pixels, side = 3 * cfg.size * cfg.size, f"3 x {cfg.size} x {cfg.size}"
     batches = f"a training and a validation batch ({3 * cfg.bs} x {side} float32)"
     needs = []
-    if cfg.loader == "cached":
-        folder = cache_dir() / "image-cache"
+    if cfg.loader == "cached" and device.type == "cuda":  # on disk the builder reserves the cache's space itself
         cache = f"the uint8 image cache ({n_images} x {side} bytes)"
-        needs.append((n_images * pixels, shutil.disk_usage(cache_dir()).free, cache, f"free on the disk of {folder}"))
-        if device.type == "cuda":
-            needs.append((n_images * pixels, available_memory(device), cache, f"free on {device}"))
+        needs.append((n_images * pixels, available_memory(device), cache, f"free on {device}"))
     return needs + [(3 * cfg.bs * pixels * 4, available_memory(device), batches, f"memory available on {device}")]
 
 def check_fits(cfg:TrainConfig, root:Path, device:torch.device):
-    "Refuse `cfg.size` when the run's data would not fit (the image cache on disk or the device, a batch in memory)."
+    "Refuse `cfg.size` when the run's data would not fit in memory (a batch; on a GPU, the image cache too)."
     n_images = len(get_files(root, IMAGE_EXTENSIONS))
     for need, have, what, where in _needs(cfg, n_images, device):
         if have is not None and need > have:

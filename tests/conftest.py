@@ -1,4 +1,5 @@
-"""Shared pytest helpers: the repo root, a subprocess runner, a module's image cache, free ports, ending launches."""
+"""Shared pytest helpers: the repo root, a subprocess runner, the command line in a subprocess and its one-line errors,
+a module's image cache, free ports, ending launches."""
 import os
 import signal
 import socket
@@ -35,6 +36,34 @@ def fashion_mnist_available():
 def cache(tmp_path_factory):
     """One image cache for a module's runs, away from the user's own."""
     return tmp_path_factory.mktemp("cache")
+
+
+def run_cli(args, cwd, cache, code=None, timeout=300, env=None, umask=None):
+    """`python -m dlcourse ARGS` (or `python -c code ARGS`) in `cwd`: one torch thread, a private cache, no tracebacks
+    (DLCOURSE_DEBUG unset), and the umask `umask` when given."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DLCOURSE_CACHE": str(cache), "DLCOURSE_DEBUG": "", **(env or {})}
+    start = ["-c", code] if code else ["-m", "dlcourse"]
+    return subprocess.run([sys.executable, *start, *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env, preexec_fn=None if umask is None else lambda: os.umask(umask))
+
+
+@pytest.fixture
+def dlcourse(tmp_path, cache):
+    """Run the command line in the test's own folder (see `run_cli`); return the CompletedProcess."""
+    def run(*args, **kwargs):
+        return run_cli(args, tmp_path, cache, **kwargs)
+    return run
+
+
+def assert_one_line_error(proc, status, *words) -> str:
+    """The process failed with `status` and a single stderr line that contains `words`, and no traceback; the line."""
+    assert proc.returncode == status, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
 
 
 def free_port() -> int:

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import assert_one_line_error, run_cli
+
 
 # Tiny settings: 32px, 1 epoch of 240 images; seconds on one CPU thread.
 TINY = ["--size", "32", "--epochs", "1", "--bs", "32", "--lr", "1e-2", "--no-progress"]
@@ -33,22 +35,6 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def run_cli(args, cwd, cache, code=None, timeout=300, env=None):
-    """`python -m dlcourse ARGS` (or `python -c code ARGS`) in `cwd`, one torch thread, a private cache."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "DLCOURSE_CACHE": str(cache), "DLCOURSE_DEBUG": "", **(env or {})}
-    start = ["-c", code] if code else ["-m", "dlcourse"]
-    return subprocess.run([sys.executable, *start, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=timeout, env=full_env)
-
-
-@pytest.fixture
-def dlcourse(tmp_path, cache):
-    """Run the command line in the test's own folder; return the CompletedProcess."""
-    def run(*args, **kwargs):
-        return run_cli(args, tmp_path, cache, **kwargs)
-    return run
-
-
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory, cache):
     """One 3-epoch run (--save-best) shared by the tests of resume, finetune and predict: (folder, results)."""
@@ -60,16 +46,6 @@ def trained(tmp_path_factory, cache):
 
 def metrics(folder):
     return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
-
-
-def assert_one_line_error(proc, status, *words):
-    """The process failed with `status` and a single stderr line that contains `words`, and no traceback."""
-    assert proc.returncode == status, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert "Traceback" not in proc.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
 
 
 def test_train_tiny_writes_every_output(dlcourse, tmp_path):
@@ -249,11 +225,14 @@ def test_predict_uses_the_training_preprocessing(trained, dlcourse):
 
 
 def test_load_model_from_a_run(trained):
+    """Every way of naming a run's weights loads them; each slot predicts the validation accuracy of its epoch."""
     import torch
-    from dlcourse.cli import image_batch, load_model
+    from dlcourse.cli import image_batch, image_files, load_model
     from dlcourse.datasets import tiny_imagenette
     full, results = trained
-    batch = image_batch(sorted((tiny_imagenette() / "val" / "n01440764").iterdir())[:4], results["preprocessing"])
+    files = image_files([tiny_imagenette() / "val"])
+    labels = torch.tensor([results["classes"].index(f.parent.name) for f in files])
+    batch = image_batch(files, results["preprocessing"])
     logits = {}
     for where, slot in [(full, None), (full, "best"), (full / "checkpoint", None), (full / "model.safetensors", None)]:
         model, prep = load_model(where, slot=slot)
@@ -261,9 +240,16 @@ def test_load_model_from_a_run(trained):
         with torch.no_grad():
             logits[where.name, slot] = model(batch)
     final = logits[full.name, None]
-    assert final.shape == (4, 10)
+    assert final.shape == (120, 10)
     # the run's weights, its last checkpoint and the weights file are the same model
     assert torch.equal(logits["checkpoint", None], final) and torch.equal(logits["model.safetensors", None], final)
+    accuracy = lambda out: (out.argmax(1) == labels).float().mean().item()
+    assert accuracy(final) == pytest.approx(results["accuracy"], abs=1e-6)
+    best = checkpoint_files(full / "checkpoint", "best")["epoch"]  # the epochs done when it was saved
+    assert results["epochs"][best - 1]["accuracy"] == max(row["accuracy"] for row in results["epochs"])
+    assert accuracy(logits[full.name, "best"]) == pytest.approx(results["epochs"][best - 1]["accuracy"], abs=1e-6)
+    if best == len(results["epochs"]):  # the last epoch was the best: the best slot holds the final weights
+        assert torch.equal(logits[full.name, "best"], final)
 
 
 def test_help_explains_every_flag(dlcourse):
@@ -297,6 +283,17 @@ def test_help_and_usage_errors_need_no_torch(tmp_path):
             "print(codes, sorted(m for m in ('torch', 'numpy', 'matplotlib') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[0, 0, 0, 0, 0, 2, 2, 2, 2] []", proc.stdout + proc.stderr
+
+
+def test_predict_checks_the_images_first(tmp_path):
+    """A missing image is the error, before the model is looked for and before PyTorch is loaded."""
+    code = ("import sys, contextlib, io\nfrom dlcourse.cli import main\nerr = io.StringIO()\n"
+            "with contextlib.redirect_stderr(err):\n"
+            "    status = main(['predict', '--model', 'nowhere', 'missing.jpg'])\n"
+            "print(status, 'torch' in sys.modules, err.getvalue().strip())")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    expected = "1 False dlcourse predict: error: missing.jpg: no such file or folder"
+    assert proc.stdout.strip() == expected, proc.stdout + proc.stderr
 
 
 def test_flags_make_the_config():
@@ -343,8 +340,10 @@ def test_bad_arguments(dlcourse, tmp_path, args, words):
 ])
 def test_every_command_refuses_bad_arguments_and_missing_files(dlcourse, tmp_path, args, status, words):
     """Each command: a bad argument is a usage error (2), a missing file a failure (1); one line, nothing written."""
+    (tmp_path / "x.jpg").write_bytes(b"")  # an image that exists: predict's missing model is what is wrong
     assert_one_line_error(dlcourse(*args), status, *words)
-    assert not (tmp_path / "runs").exists()
+    if args[0] != "predict" and "--resume" not in args:  # the commands that make a new run folder
+        assert not (tmp_path / "runs").exists()
 
 
 def test_missing_data(dlcourse, tmp_path):

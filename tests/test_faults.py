@@ -13,27 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port, kill_launch
+from conftest import assert_one_line_error, free_port, kill_launch
 SMALL = ["--size", "16", "--epochs", "1", "--bs", "32", "--lr", "1e-2", "--width", "0.25", "--no-progress"]
-
-
-@pytest.fixture
-def dlcourse(tmp_path, cache):
-    """Run `python -m dlcourse ARGS` in the test's folder, one torch thread, a private cache, the usual umask."""
-    def run(*args, umask=0o022, timeout=300):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "DLCOURSE_CACHE": str(cache), "DLCOURSE_DEBUG": ""}
-        return subprocess.run([sys.executable, "-m", "dlcourse", *map(str, args)], cwd=tmp_path, capture_output=True,
-                              text=True, timeout=timeout, env=env, preexec_fn=lambda: os.umask(umask))
-    return run
-
-
-def one_line_error(proc, status, *words):
-    assert proc.returncode == status, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
-    for word in words:
-        assert word in lines[0], (word, lines[0])
-    return lines[0]
 
 
 def strict_loads(text):
@@ -67,14 +48,14 @@ def test_a_diverging_run_stops_and_replaces_nothing(dlcourse, tmp_path):
     assert dlcourse("train", *SMALL, "--out", good).returncode == 0
     before = snapshot(good)
     proc = dlcourse("train", *SMALL, "--epochs", "2", "--lr", "1e6", "--out", tmp_path / "runs" / "bad")
-    line = one_line_error(proc, 1, "the training loss is nan at epoch 0, batch", "diverged")
+    line = assert_one_line_error(proc, 1, "the training loss is nan at epoch 0, batch", "diverged")
     assert "records the run as diverged" in line
     record = strict_json(tmp_path / "runs" / "bad" / "results.json")
     assert record["status"] == "diverged" and "at epoch 0, batch" in record["error"] and record["epochs"] == []
     assert not (tmp_path / "runs" / "bad" / "model.safetensors").exists()
     assert snapshot(good) == before  # the earlier run is untouched
     proc = dlcourse("train", *SMALL, "--lr", "1e6", "--out", good)  # into the good run's folder: refused up front
-    one_line_error(proc, 2, f"--out {good} already holds files")
+    assert_one_line_error(proc, 2, f"--out {good} already holds files")
     assert snapshot(good) == before
 
 
@@ -95,48 +76,46 @@ def test_outputs_get_the_users_umask(dlcourse, tmp_path):
     assert {p.stat().st_mode & 0o777 for p in (tmp_path / "private").rglob("*") if p.is_file()} == {0o600}
 
 
-def test_an_interrupted_run_is_recorded_and_resumable(dlcourse, tmp_path, cache):
+def test_an_interrupted_run_is_recorded_and_resumable(dlcourse, tmp_path):
     """Ctrl-C in the first epoch (no checkpoint yet): status 130, the record says so, and --resume says why it cannot."""
     code = ("import sys\nfrom dlcourse.learner import Learner\n"
             "def interrupted(self):\n    raise KeyboardInterrupt\nLearner.opt_step = interrupted\n"
             "from dlcourse.cli import main\nsys.exit(main(sys.argv[1:]))")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "DLCOURSE_CACHE": str(cache), "DLCOURSE_DEBUG": ""}
-    proc = subprocess.run([sys.executable, "-c", code, "train", *SMALL, "--out", str(tmp_path / "run")], cwd=tmp_path,
-                          capture_output=True, text=True, env=env, timeout=300)
-    one_line_error(proc, 130, "interrupted after 0 of 1 epochs")
+    proc = dlcourse("train", *SMALL, "--out", tmp_path / "run", code=code)
+    assert_one_line_error(proc, 130, "interrupted after 0 of 1 epochs")
     assert strict_json(tmp_path / "run" / "results.json")["status"] == "interrupted"
-    one_line_error(dlcourse("train", "--resume", tmp_path / "run"), 1, "has no checkpoint", "start it again")
+    assert_one_line_error(dlcourse("train", "--resume", tmp_path / "run"), 1, "has no checkpoint", "start it again")
 
 
 @pytest.mark.parametrize("flag", ["--lr", "--wd", "--label-smoothing", "--width", "--mixup"])
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_non_finite_settings_are_usage_errors(dlcourse, tmp_path, flag, value):
     proc = dlcourse("train", flag, value, "--out", tmp_path / "out")
-    one_line_error(proc, 2, f"argument {flag}", f"must be a finite number; got {value}")
+    assert_one_line_error(proc, 2, f"argument {flag}", f"must be a finite number; got {value}")
     assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("value", ["nan", "0", "-5", "inf"])
 def test_timeout_must_be_a_positive_number(dlcourse, value):
-    one_line_error(dlcourse("train", "--timeout", value), 2, "argument --timeout", "must be a finite number > 0")
+    assert_one_line_error(dlcourse("train", "--timeout", value), 2, "argument --timeout", "must be a finite number > 0")
 
 
 def test_a_size_that_cannot_fit_is_refused_before_any_work(dlcourse, tmp_path, cache):
     start = time.perf_counter()
     proc = dlcourse("train", "--size", "100000", "--no-progress", "--out", tmp_path / "out")
-    line = one_line_error(proc, 1, "size 100000: the uint8 image cache (360 x 3 x 100000 x 100000 bytes) would take",
-                          "TB, more than the", "use a smaller size")
+    line = assert_one_line_error(proc, 1, "size 100000: a training and a validation batch (96 x 3 x 100000 x 100000 "
+                                 "float32) would take", "TB, more than the", "use a smaller size")
     assert time.perf_counter() - start < 60, line
     assert not (tmp_path / "out").exists()
     assert not list(Path(cache).rglob("*100000px*"))  # nothing of the cache was written
     proc = dlcourse("train", "--size", "100000", "--loader", "items", "--no-progress")
-    one_line_error(proc, 1, "a training and a validation batch (96 x 3 x 100000 x 100000 float32) would take")
+    assert_one_line_error(proc, 1, "a training and a validation batch (96 x 3 x 100000 x 100000 float32) would take")
 
 
 def test_a_single_class_is_refused(dlcourse, tmp_path):
     data = tiny_copy(tmp_path / "one", classes={"n01440764"})
     proc = dlcourse("train", *SMALL, "--data", data, "--out", tmp_path / "out")
-    one_line_error(proc, 1, "only one class (n01440764)", "a classifier needs two or more class folders")
+    assert_one_line_error(proc, 1, "only one class (n01440764)", "a classifier needs two or more class folders")
     assert not (tmp_path / "out").exists()
 
 
@@ -147,7 +126,7 @@ def test_bad_images_can_be_skipped_and_are_listed(dlcourse, tmp_path, loader):
     victims[0].write_bytes(victims[0].read_bytes()[:200])
     victims[1].write_bytes(b"")
     proc = dlcourse("train", *SMALL, "--loader", loader, "--data", data, "--out", tmp_path / "out")
-    line = one_line_error(proc, 1, "2 unreadable images of 360", "add --skip-bad-images")  # without the flag: stops
+    line = assert_one_line_error(proc, 1, "2 unreadable images of 360", "add --skip-bad-images")  # no flag: it stops
     assert all(str(v) in line for v in victims)
     proc = dlcourse("train", *SMALL, "--loader", loader, "--data", data, "--skip-bad-images", "--out", tmp_path / "run")
     assert proc.returncode == 0, proc.stderr
