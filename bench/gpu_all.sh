@@ -5,17 +5,20 @@
 # or timed-out step recorded with the last lines of its log, and the next step run anyway):
 #   env        GPU, memory, torch / CUDA / cuDNN versions, CPUs, the settings of this run
 #   data       extract Imagenette (data_local/imagenette2-128.tgz) and the Fashion-MNIST prefix, build the image cache
-#   cells-*    the notebooks' `#| cuda` cells: bench/run_cells.py runs each notebook that has one, flags cuda
+#   cells-*    the notebooks' `#| cuda` cells: tools/run_cells.py runs each notebook that has one, flags cuda
 #   precision  bench/precision_gpu.py (FP32, FP16 from scratch, AMP FP16/BF16, with and without channels_last)
 #   augment    bench/augment.py --skip-cpu (batched augmentation as a fraction of a training step)
-#   grid-*     Imagenette 128px, 5 epochs, one seed (0) per recipe of GRID, through dlcourse.train (no checkpoints)
+#   grid-*     Imagenette 128px, 5 epochs, one seed (the first of SEEDS) per recipe of GRID, through dlcourse.train
+#              (no checkpoints)
 #   pick       the best grid recipe: the most accurate of those with fit_seconds <= FIT_TARGET, else the most accurate
-#   seeds-*    that recipe with seeds 1 and 2 (seed 0 is its grid run), then best-summary: mean/min/max over 3 seeds
+#   seeds-*    that recipe with the other SEEDS (by default 1 and 2), then best-summary: mean/min/max over all its seeds
 #   ref-*      the course's two reference runs at 128px, 5 epochs: the lesson-11 CNN (73.6% in the course) and the
 #              lesson-12 xresnet34 recipe (82.4%), with the course's optimizer, schedule and batch size
 #   done       totals
-# A global deadline (BUDGET seconds from the start) clips every step's timeout, keeping the time the later steps need
-# (a grid recipe that no longer fits is recorded as skipped), so the whole run ends within BUDGET plus a few seconds.
+# A global deadline (BUDGET seconds from the start) clips every step's timeout, keeping the time the later steps that
+# ONLY selects need (a grid recipe that no longer fits is recorded as skipped), so the whole run ends within BUDGET plus
+# a few seconds. Each training run also prints its optimizer (class and hyper-parameters, as the trained learner holds
+# them) and its schedule (the learning rate and momentum of its first, highest and last batch, as the Recorder saw them).
 #
 # On the GPU machine (one `run` call of the device tool):
 #   1. here, first:  bench/gpu_all.sh prepare
@@ -28,12 +31,14 @@
 #   3. the JSON lines come back in the tool's $OUT as gpu.jsonl (step logs and each run's results.json in logs.tgz);
 #      copy gpu.jsonl to bench/results/gpu_all-<date>/ here: .gitignore lets bench/results/*/*.jsonl be committed.
 # Without an OUT in the environment the run writes into a new folder bench/results/gpu_all-<date-time>/.
+# bench/imagenette_gpu.sh runs the training steps alone, for one recipe and without the budget, through this script.
 #
 # A tiny end-to-end check on a CPU (every step in its small form, a couple of minutes):
 #   OMP_NUM_THREADS=1 DEVICE=cpu DATA=tiny SIZE=32 EPOCHS=1 BS=16 WIDTH=0.25 STANDINS=1 bench/gpu_all.sh
 # Settings (environment): DEVICE (cuda), DATA (empty: the extracted archive; or tiny, a folder, an archive), SIZE (128),
 # EPOCHS (5), BS and WIDTH (empty: each recipe's own; set them for tiny runs), BUDGET (480), FIT_TARGET (15),
-# GRID (recipe names, see RECIPES below), CELLS (notebooks; default: those with a `#| cuda` code cell),
+# GRID (recipe names, see RECIPES below), SEEDS ("0 1 2"), TRAIN_FLAGS (flags of `dlcourse train` that set fields of
+# every recipe, e.g. "--arch xresnet18 --lr 1e-3"), CELLS (notebooks; default: those with a `#| cuda` code cell),
 # CELL_FLAGS (cuda on a GPU, none on a CPU), STANDINS (1: IPython/fastcore stand-ins even where installed), OUT, WORK,
 # ONLY (step names or prefixes to run, e.g. ONLY="env data ref" for a short rerun), CAP_* (per-step caps, below).
 set -uo pipefail
@@ -52,9 +57,9 @@ TRAVEL_LIMIT=$((64 * 1024 * 1024))
 
 # --------------------------------------------------------------------------------------------------- prepare (here)
 read -r -d '' PREPARE_PY <<'EOF'
-import gzip, io, json, lzma, os, shutil, subprocess, sys, tarfile
+import io, json, lzma, os, shutil, subprocess, sys, tarfile
 from pathlib import Path
-from dlcourse.core import find_data
+from dlcourse.core import _find_idx, find_data, read_idx
 archive, fashion_xz, n_train, n_valid, limit = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 Path("data_local").mkdir(exist_ok=True)
 if not Path(archive).exists():
@@ -63,16 +68,11 @@ if not Path(archive).exists():
     print(f"copied {source} to {archive}", file=sys.stderr)
 
 def idx_prefix(path, n):
-    "The IDX file at `path` (gzipped) cut to its first `n` items, its header's count changed to match."
-    data = gzip.open(path).read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    item = 1
-    for d in dims[1:]:
-        item *= d
-    n = min(n, dims[0])
-    head = data[:4] + n.to_bytes(4, "big") + data[8: 4 + 4 * ndim]
-    return head + data[4 + 4 * ndim: 4 + 4 * ndim + n * item], n
+    "The first `n` items of the uint8 IDX file at `path` (gzipped or not), as the bytes of an IDX file of their own."
+    items = read_idx(path)[:n]
+    assert items.dtype.itemsize == 1, f"{path}: not a uint8 IDX file"
+    head = bytes([0, 0, 0x08, items.ndim]) + b"".join(d.to_bytes(4, "big") for d in items.shape)
+    return head + items.numpy().tobytes(), len(items)
 
 if not fashion_xz.exists():
     folder = find_data("fashion-mnist")
@@ -81,7 +81,7 @@ if not fashion_xz.exists():
     tmp = fashion_xz.with_suffix(".tmp")
     with tarfile.open(tmp, "w:xz", preset=9 | lzma.PRESET_EXTREME) as tar:
         for stem, n in parts.items():
-            data, kept = idx_prefix(folder / f"{stem}.gz", n)
+            data, kept = idx_prefix(_find_idx(folder, stem), n)
             info = tarfile.TarInfo(f"fashion-mnist/{stem}")
             info.size, info.mode = len(data), 0o644
             tar.addfile(info, io.BytesIO(data))
@@ -113,6 +113,10 @@ FIT_TARGET=${FIT_TARGET:-15}
 # In order of priority: the recipes at the end run only if the budget still allows them.
 GRID=${GRID:-"xresnet50-ranger-bs128 xresnet50-ranger-bs256 xresnet34-ranger-bs128 xresnet50-adam-bs128 \
 xresnet18-ranger-bs128 xresnet50-ranger-bs64 xresnet34-ranger-bs256"}
+SEEDS=${SEEDS:-"0 1 2"}
+read -ra SEED_LIST <<< "$SEEDS"
+((${#SEED_LIST[@]} > 0)) || { echo "gpu_all.sh: SEEDS names no seed" >&2; exit 2; }
+TRAIN_FLAGS=${TRAIN_FLAGS:-}
 STANDINS=${STANDINS:-0}
 if [ "$DEVICE" = cpu ]; then CELL_FLAGS=${CELL_FLAGS-}; else CELL_FLAGS=${CELL_FLAGS-cuda}; fi
 STAMP=$(date +%Y%m%d-%H%M%S)
@@ -120,16 +124,33 @@ if [ -z "${OUT:-}" ]; then OUT=bench/results/gpu_all-$STAMP; WORK=${WORK:-$OUT};
 JSONL=$OUT/gpu.jsonl
 if [ -s "$JSONL" ]; then echo "gpu_all.sh: $JSONL already holds a run; name a new OUT" >&2; exit 2; fi
 mkdir -p "$OUT" "$WORK/logs" "$WORK/runs"
-export GPU_ALL_WORK=$WORK DEVICE SIZE EPOCHS BS WIDTH
+export GPU_ALL_WORK=$WORK DEVICE SIZE EPOCHS BS WIDTH TRAIN_FLAGS
 [ -n "$DATA" ] || DATA=data_local/imagenette2-128
 export DATA
 
 # Per-step caps in seconds (CAP_* in the environment change them); the deadline may clip them further.
 CAP_ENV=${CAP_ENV:-15} CAP_DATA=${CAP_DATA:-45} CAP_CELLS=${CAP_CELLS:-60} CAP_PRECISION=${CAP_PRECISION:-60}
 CAP_AUGMENT=${CAP_AUGMENT:-30} CAP_RUN=${CAP_RUN:-50} CAP_CNN=${CAP_CNN:-40} CAP_R34=${CAP_R34:-50} MIN_STEP=${MIN_STEP:-8}
-RESERVE_REFS=$((CAP_CNN + CAP_R34))
-RESERVE_SEEDS=$((2 * CAP_RUN + RESERVE_REFS))
-RESERVE_EARLY=$((CAP_RUN + RESERVE_SEEDS))  # the fixed steps always leave one grid run, the seeds and the references
+
+selected() {  # is step NAME asked for? (ONLY: names or name prefixes, e.g. "env data grid"; empty: every step)
+    [ -z "${ONLY:-}" ] && return 0
+    local want
+    for want in $ONLY; do [[ $1 == "$want"* ]] && return 0; done
+    return 1
+}
+
+reserve() {  # reserve PREFIX SECONDS: SECONDS if ONLY may select a step whose name starts with PREFIX, else 0
+    local want
+    [ -z "${ONLY:-}" ] && { echo "$2"; return; }
+    for want in $ONLY; do [[ $1 == "$want"* || $want == "$1"* ]] && { echo "$2"; return; }; done
+    echo 0
+}
+
+# The time a step leaves for the later ones (those ONLY selects): the fixed steps leave one grid run, the runs of the
+# other seeds and the references; a grid run leaves the other seeds and the references; a seed run the references.
+RESERVE_REFS=$(($(reserve ref-course-lesson11-cnn "$CAP_CNN") + $(reserve ref-course-xresnet34 "$CAP_R34")))
+RESERVE_SEEDS=$(($(reserve seeds- $(((${#SEED_LIST[@]} - 1) * CAP_RUN))) + RESERVE_REFS))
+RESERVE_EARLY=$(($(reserve grid- "$CAP_RUN") + RESERVE_SEEDS))
 START=$SECONDS
 DEADLINE=$((START + BUDGET))
 
@@ -217,7 +238,8 @@ for f in sorted(Path("dlcourse").glob("*.py")):
     digest.update(f.name.encode() + f.read_bytes())
 info["dlcourse_sha256"] = digest.hexdigest()[:16]
 info["git"] = run(["git", "describe", "--always", "--dirty", "--abbrev=12"])
-keys = ("DEVICE", "DATA", "SIZE", "EPOCHS", "BS", "WIDTH", "BUDGET", "FIT_TARGET", "GRID", "CELL_FLAGS", "STANDINS")
+keys = ("DEVICE", "DATA", "SIZE", "EPOCHS", "BS", "WIDTH", "BUDGET", "FIT_TARGET", "GRID", "SEEDS", "TRAIN_FLAGS",
+        "CELL_FLAGS", "STANDINS", "ONLY")
 info["settings"] = {k: os.environ.get(f"GPU_ALL_{k}") for k in keys}
 print(json.dumps(info))
 EOF
@@ -241,18 +263,14 @@ if os.environ["DATA"] == "data_local/imagenette2-128" and not Path("data_local/i
 if fashion_xz.exists() and not Path("data_local/fashion-mnist").exists():
     with tarfile.open(fashion_xz) as tar:
         tar.extractall("data_local", filter="data")
-from dlcourse.core import find_data
+from dlcourse.core import find_data, load_fashion_mnist
 try:
     folder = find_data("fashion-mnist")
-    counts = {}
-    for key, stem in (("train", "train-images-idx3-ubyte"), ("valid", "t10k-images-idx3-ubyte")):
-        path = folder / stem if (folder / stem).exists() else folder / f"{stem}.gz"
-        import gzip
-        head = (gzip.open(path) if path.suffix == ".gz" else open(path, "rb")).read(8)
-        counts[key] = int.from_bytes(head[4:8], "big")
+    fashion = load_fashion_mnist(folder, download=False)  # all four files read and checked, as the notebooks read them
+    counts = {"train": len(fashion["x_train"]), "valid": len(fashion["x_valid"])}
     out["fashion_mnist"] = {"path": str(folder), **counts, "whole": counts == {"train": 60000, "valid": 10000}}
-except FileNotFoundError as err:
-    out["fashion_mnist"] = {"missing": str(err)}
+except (FileNotFoundError, ValueError) as err:  # not found, or not the IDX files it should be
+    out["fashion_mnist"] = {"missing" if isinstance(err, FileNotFoundError) else "unreadable": str(err)}
     Path(os.environ["GPU_ALL_WORK"], "fashion_missing").write_text(str(err) + "\n")
 from dlcourse.config import TrainConfig
 from dlcourse.train import prepare_data
@@ -266,17 +284,19 @@ EOF
 
 # one training run of a named recipe; one JSON line; the full results in $WORK/runs/<name>.json
 read -r -d '' TRAIN_PY <<'EOF'
-import json, os, sys, time
+import json, os, shlex, sys, time
+from dataclasses import fields
 from functools import partial
 from pathlib import Path
 wall_start = time.perf_counter()
 name, recipe, seed, group = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
 import torch
+from dlcourse.cli import make_parser
 from dlcourse.config import TrainConfig
 from dlcourse.optimizers import SGD, Adam
 from dlcourse.schedule import fit_one_cycle
-from dlcourse.train import dls_vocab, fit_recipe, make_learner, prepare_data, run_results
-# The recipes' own settings; DATA, SIZE, EPOCHS, DEVICE (and BS, WIDTH when set) come from the environment.
+from dlcourse.train import dls_vocab, fit_recipe, lesson11_cnn, make_learner, prepare_data, run_results
+# The recipes' own settings; DATA, SIZE, EPOCHS, DEVICE (and BS, WIDTH, TRAIN_FLAGS when set) come from the environment.
 RANGER = dict(act="mish", width=1., opt="ranger", sched="flat_cos", lr=8e-3, wd=1e-2, mixup=0., label_smoothing=0.1, augment="crop")
 RECIPES = {
     "xresnet50-ranger-bs128": dict(config=dict(RANGER, arch="xresnet50", bs=128)),  # bench/imagenette_gpu.sh's recipe
@@ -311,17 +331,16 @@ if env.get("BS"):
     cfg_args["bs"] = int(env["BS"])
 if env.get("WIDTH") and "model" not in spec:
     cfg_args["width"] = float(env["WIDTH"])
+if env.get("TRAIN_FLAGS"):  # parsed and checked as `dlcourse train` parses them; only the fields of TrainConfig
+    given = vars(make_parser(suppress=True).parse_args(["train", *shlex.split(env["TRAIN_FLAGS"])]))
+    given.pop("command")
+    others = sorted(set(given) - {f.name for f in fields(TrainConfig)})
+    if others:
+        sys.exit(f"gpu_all.sh: TRAIN_FLAGS sets {', '.join(others)}: only the settings of a run (TrainConfig) can be set")
+    cfg_args.update(given)
 cfg = TrainConfig(**cfg_args)
-model = None
-if spec.get("model") == "lesson11_cnn":
-    try:
-        from dlcourse.train import lesson11_cnn
-    except ImportError:
-        sys.exit("gpu_all.sh: dlcourse.train has no lesson11_cnn: the cell of nbs/10_train_imagenette.ipynb that defines "
-                 "it needs `#| export` (then nbdev_export)")
 data = prepare_data(cfg)
-if spec.get("model") == "lesson11_cnn":
-    model = lesson11_cnn(len(dls_vocab(data.dls)))
+model = lesson11_cnn(len(dls_vocab(data.dls))) if spec.get("model") == "lesson11_cnn" else None
 learn, resolved = make_learner(cfg, data, model=model)
 if "opt" in spec:
     learn.opt_func = spec["opt"]
@@ -334,9 +353,18 @@ else:
 results = run_results(learn, cfg, resolved, data)
 if model is not None:
     results["model"] = {"arch": spec["model"], "parameters": sum(p.numel() for p in model.parameters())}
-sched = {"name": cfg.sched, **{k: list(v) if isinstance(v, tuple) else v for k, v in spec.get("sched", {}).items()}}
-opt = spec["opt"].keywords if "opt" in spec else {"wd": cfg.wd}
-results["recipe"] = {"name": recipe, "group": group, "opt": {"name": cfg.opt, **opt}, "sched": sched}
+# What the trained learner used: its optimizer's class and hyper-parameters (weight decay per parameter group, lr and
+# momentum as scheduled), and the learning rate and momentum of the first, highest (lowest for momentum) and last batch.
+def sig(x):
+    return float(f"{x:.6g}")
+groups = learn.opt.param_groups
+opt = {"name": type(learn.opt).__name__, **{k: v for k, v in groups[0].items() if k not in ("params", "lr", "mom", "wd")
+                                             and isinstance(v, (bool, int, float, str))},
+       "wd": [g["wd"] for g in groups]}
+lrs, moms = learn.recorder.lrs, [m for m in learn.recorder.moms if m is not None]
+sched = {"name": cfg.sched, "batches": len(lrs), "lr": [sig(lrs[0]), sig(max(lrs)), sig(lrs[-1])],
+         "mom": [sig(moms[0]), sig(min(moms)), sig(moms[-1])] if moms else None}
+results["recipe"] = {"name": recipe, "group": group, "opt": opt, "sched": sched}
 Path(env["GPU_ALL_WORK"], "runs", f"{name}.json").write_text(json.dumps(results, indent=1) + "\n")
 line = {"recipe": recipe, "group": group, "seed": seed, "accuracy": round(results["accuracy"], 4),
         "valid_loss": round(results["valid_loss"], 4), "train_loss": round(results["train_loss"], 4),
@@ -345,7 +373,7 @@ line = {"recipe": recipe, "group": group, "seed": seed, "accuracy": round(result
         "epochs_accuracy": [round(e["accuracy"], 4) for e in results["epochs"]],
         "model": spec.get("model", cfg.arch), "width": None if model is not None else cfg.width,
         "act": None if model is not None else cfg.act, "size": cfg.size, "epochs": cfg.epochs, "bs": cfg.bs, "lr": cfg.lr,
-        "opt": results["recipe"]["opt"], "sched": sched, "mixup": cfg.mixup, "label_smoothing": cfg.label_smoothing,
+        "opt": opt, "sched": sched, "mixup": cfg.mixup, "label_smoothing": cfg.label_smoothing,
         "augment": cfg.augment, "precision": resolved["precision"], "channels_last": resolved["channels_last"],
         "n_train": results["n_train"], "n_valid": results["n_valid"], "device": results["device"]["name"],
         "torch": results["versions"]["torch"], "wall_seconds": round(time.perf_counter() - wall_start, 1)}
@@ -373,7 +401,7 @@ EOF
 
 read -r -d '' SUMMARY_PY <<'EOF'
 import json, statistics, sys
-jsonl, recipe, target = sys.argv[1], sys.argv[2], float(sys.argv[3])
+jsonl, recipe, target, n_seeds = sys.argv[1], sys.argv[2], float(sys.argv[3]), int(sys.argv[4])
 runs = [r for r in map(json.loads, open(jsonl)) if r.get("recipe") == recipe and r.get("group") in ("grid", "seeds")
         and r.get("accuracy") is not None]
 acc, fit = [r["accuracy"] for r in runs], [r["fit_seconds"] for r in runs]
@@ -382,8 +410,8 @@ print(json.dumps({"recipe": recipe, "seeds": [r["seed"] for r in runs], "runs": 
                   "accuracy_stdev": round(statistics.stdev(acc), 4) if len(acc) > 1 else None,
                   "fit_seconds_mean": round(statistics.mean(fit), 2), "fit_seconds_max": max(fit),
                   "target": {"accuracy_mean": 0.803, "fit_seconds": target},
-                  "target_met": len(runs) == 3 and statistics.mean(acc) >= 0.803 and max(fit) <= target}))
-sys.exit(0 if len(runs) == 3 else 1)
+                  "target_met": len(runs) == n_seeds >= 3 and statistics.mean(acc) >= 0.803 and max(fit) <= target}))
+sys.exit(0 if len(runs) == n_seeds else 1)
 EOF
 
 # ------------------------------------------------------------------------------------------------------- running
@@ -393,13 +421,6 @@ pack_logs() {  # the logs and run summaries travel back with gpu.jsonl when OUT 
 
 emit() {  # emit NAME STATUS RC T0 LIMIT LOG NOTE
     "$PY" -c "$EMIT_PY" "$1" "$2" "$3" "$4" "$5" "$6" "$7" "$JSONL"
-}
-
-selected() {  # is step NAME asked for? (ONLY: names or name prefixes, e.g. "env data grid"; empty: every step)
-    [ -z "${ONLY:-}" ] && return 0
-    local want
-    for want in $ONLY; do [[ $1 == "$want"* ]] && return 0; done
-    return 1
 }
 
 STEPS_FAILED=()
@@ -431,7 +452,8 @@ step() {  # step NAME CAP RESERVE CMD...: CMD under a timeout of min(CAP, second
 
 export GPU_ALL_DEVICE=$DEVICE GPU_ALL_DATA=$DATA GPU_ALL_SIZE=$SIZE GPU_ALL_EPOCHS=$EPOCHS GPU_ALL_BS=$BS \
     GPU_ALL_WIDTH=$WIDTH GPU_ALL_BUDGET=$BUDGET GPU_ALL_FIT_TARGET=$FIT_TARGET GPU_ALL_GRID=$GRID \
-    GPU_ALL_CELL_FLAGS=$CELL_FLAGS GPU_ALL_STANDINS=$STANDINS
+    GPU_ALL_SEEDS=$SEEDS GPU_ALL_TRAIN_FLAGS=$TRAIN_FLAGS GPU_ALL_CELL_FLAGS=$CELL_FLAGS GPU_ALL_STANDINS=$STANDINS \
+    GPU_ALL_ONLY=${ONLY:-}
 echo "gpu_all.sh: JSON lines -> $JSONL, logs -> $WORK/logs (budget ${BUDGET} s)" >&2
 
 # 1. environment
@@ -443,7 +465,7 @@ step data "$CAP_DATA" "$RESERVE_EARLY" "$PY" -c "$DATA_PY" "$FASHION_XZ" "$ARCHI
 
 # 3. the notebooks' `#| cuda` cells
 if [ -z "${CELLS:-}" ]; then
-    CELLS=$("$PY" bench/run_cells.py nbs/*.ipynb --having cuda | tr '\n' ' ')
+    CELLS=$("$PY" tools/run_cells.py nbs/*.ipynb --having cuda | tr '\n' ' ')
 fi
 cell_args=()
 read -ra flag_words <<< "$CELL_FLAGS"
@@ -456,7 +478,7 @@ for nb in $CELLS; do
         STEPS_FAILED+=("cells-$(basename "$nb" .ipynb)")
         continue
     fi
-    step "cells-$(basename "$nb" .ipynb)" "$CAP_CELLS" "$RESERVE_EARLY" "$PY" bench/run_cells.py "$nb" "${cell_args[@]}"
+    step "cells-$(basename "$nb" .ipynb)" "$CAP_CELLS" "$RESERVE_EARLY" "$PY" tools/run_cells.py "$nb" "${cell_args[@]}"
 done
 
 # 4. precision and augmentation benchmarks
@@ -465,25 +487,25 @@ precision_args=()
 step precision "$CAP_PRECISION" "$RESERVE_EARLY" "$PY" bench/precision_gpu.py "${precision_args[@]}"
 step augment "$CAP_AUGMENT" "$RESERVE_EARLY" "$PY" bench/augment.py --skip-cpu
 
-# 5. the grid (seed 0), the best recipe's seeds 1 and 2, its 3-seed summary
+# 5. the grid (the first seed), the best recipe's other seeds, its summary over all the seeds
 for recipe in $GRID; do
-    step "grid-$recipe" "$CAP_RUN" "$RESERVE_SEEDS" "$PY" -c "$TRAIN_PY" "grid-$recipe" "$recipe" 0 grid
+    step "grid-$recipe" "$CAP_RUN" "$RESERVE_SEEDS" "$PY" -c "$TRAIN_PY" "grid-$recipe" "$recipe" "${SEED_LIST[0]}" grid
 done
 rm -f "$WORK/picked.txt"
 step pick 20 "$RESERVE_SEEDS" "$PY" -c "$PICK_PY" "$JSONL" "$FIT_TARGET" "$WORK/picked.txt"
 best=$(cat "$WORK/picked.txt" 2>/dev/null)
 if [ -n "$best" ]; then
-    for seed in 1 2; do
+    for seed in "${SEED_LIST[@]:1}"; do
         step "seeds-$best-$seed" "$CAP_RUN" "$RESERVE_REFS" "$PY" -c "$TRAIN_PY" "seeds-$best-$seed" "$best" "$seed" seeds
     done
-    step best-summary 20 "$RESERVE_REFS" "$PY" -c "$SUMMARY_PY" "$JSONL" "$best" "$FIT_TARGET"
+    step best-summary 20 "$RESERVE_REFS" "$PY" -c "$SUMMARY_PY" "$JSONL" "$best" "$FIT_TARGET" "${#SEED_LIST[@]}"
 elif selected seeds; then
-    emit seeds skipped 0 0 0 /dev/null "no grid recipe was picked (see the pick line): the 3-seed runs were not started"
+    emit seeds skipped 0 0 0 /dev/null "no grid recipe was picked (see the pick line): the runs of the other seeds were not started"
     STEPS_FAILED+=(seeds)
 fi
 
 # 6. the course's reference runs
-step ref-course-lesson11-cnn "$CAP_CNN" "$CAP_R34" "$PY" -c "$TRAIN_PY" ref-course-lesson11-cnn course-lesson11-cnn 0 reference
+step ref-course-lesson11-cnn "$CAP_CNN" "$(reserve ref-course-xresnet34 "$CAP_R34")" "$PY" -c "$TRAIN_PY" ref-course-lesson11-cnn course-lesson11-cnn 0 reference
 step ref-course-xresnet34 "$CAP_R34" 0 "$PY" -c "$TRAIN_PY" ref-course-xresnet34 course-xresnet34 0 reference
 
 # totals

@@ -1,5 +1,7 @@
-"""Notebooks in a real Jupyter kernel (tools/run_jupyter.py, what `make test-jupyter` runs): which cells it skips,
-that it really uses an ipykernel in the notebook's folder, how it reports a failure, and the fastest notebooks."""
+"""Notebooks in a real Jupyter kernel (tools/run_jupyter.py, what `make test-jupyter` runs): which cells and notebooks
+it skips (those nbdev_test skips, held to nbdev's own reading of the directives and front matter; tools/run_cells.py
+skips by the same functions), that it really uses an ipykernel in the notebook's folder, how it reports a failure, and
+the fastest notebooks."""
 import importlib.util
 import subprocess
 import sys
@@ -34,6 +36,40 @@ def test_skipped_cells_are_the_ones_nbdev_test_skips():
         assert not run_jupyter.skip_cell(code(source), FLAGS), source
     assert not run_jupyter.skip_cell(code("#| slow\nfit()"), FLAGS - {"slow"})  # --flags slow runs them
     assert not run_jupyter.skip_cell({"cell_type": "markdown", "source": "#| slow"}, FLAGS)
+
+
+EDGE_CELLS = ["#| slow\nx = 1", "# | slow\nx = 1", "#|slow\nx = 1", "\n#| cuda\nx = 1", "#| eval: False\nx = 1",
+              "#|eval:false\nx = 1", "#| export\n#| notest\nx = 1", "x = 1\n#| slow", "#| hide\nnbdev_export()",
+              "#| cuda local_data\nx = 1", "#| local_data\nx = 1", "#| eval: true\nx = 1"]
+
+
+def test_selection_matches_nbdev(tmp_path):
+    """Each code cell of every notebook, and of a notebook of edge cases, is skipped exactly when nbdev_test skips it,
+    for several sets of flags (nbdev parsing the directives); a notebook whose front matter says `skip_exec: true` is
+    skipped whole by both."""
+    pytest.importorskip("nbdev")
+    from fastcore.basics import str2bool
+    from nbdev.frontmatter import FrontmatterProc
+    from nbdev.process import NBProcessor
+    flags = run_jupyter.settings_flags()
+    edge = write_nb(tmp_path / "edge.ipynb", *EDGE_CELLS)
+    skipped = nbformat.read(write_nb(tmp_path / "skipped.ipynb", "x = 1"), as_version=4)
+    skipped.cells.insert(0, nbformat.v4.new_raw_cell("---\ntitle: skipped\nskip_exec: true\n---"))
+    nbformat.write(skipped, tmp_path / "skipped.ipynb")
+    paths = [*sorted((ROOT / "nbs").glob("*.ipynb")), edge, tmp_path / "skipped.ipynb"]
+    for path in paths:
+        theirs_nb = NBProcessor(path, procs=FrontmatterProc, process=True).nb
+        ours_nb = nbformat.read(path, as_version=4)
+        nbdev_skips = str2bool(getattr(theirs_nb, "frontmatter_", {}).get("skip_exec", False))
+        assert run_jupyter.skip_notebook(ours_nb) == nbdev_skips == (path.name == "skipped.ipynb"), path.name
+        for run_flags in (set(), {"cuda"}, {"cuda", "local_data"}, {"slow"}):
+            theirs = []
+            for cell in (c for c in theirs_nb.cells if c.cell_type == "code"):
+                found = getattr(cell, "directives_", {}) or {}
+                theirs.append("nbdev_export(" in cell.source or found.get("eval:", [""])[0].lower() == "false"
+                              or bool((flags - run_flags) & found.keys()))
+            ours = [run_jupyter.skip_cell(c, flags - run_flags) for c in ours_nb.cells if c.cell_type == "code"]
+            assert ours == theirs, (path.name, run_flags)
 
 
 def test_flags_come_from_settings():

@@ -51,21 +51,34 @@ def directives(source:str) -> dict:
     return found
 
 
+def cell_source(cell:dict) -> str:
+    """A cell's source as one string (a notebook file may hold it as a list of lines)."""
+    return cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
+
+
+def skip_reason(source:str, skip_flags:set) -> str|None:
+    """Why `nbdev_test` would not run a code cell of `source`: 'eval: false', 'nbdev_export', or the first of
+    `skip_flags` among its directives; None when it would run it."""
+    found = directives(source)
+    if found.get("eval", "").lower() == "false":
+        return "eval: false"
+    if "nbdev_export" + "(" in source:
+        return "nbdev_export"
+    flags = sorted(skip_flags & found.keys())
+    return flags[0] if flags else None
+
+
 def skip_cell(cell:dict, skip_flags:set) -> bool:
     """True for a code cell that `nbdev_test` would not run."""
-    if cell["cell_type"] != "code":
-        return False
-    source = cell["source"] if isinstance(cell["source"], str) else "".join(cell["source"])
-    if "nbdev_export" + "(" in source:
-        return True
-    found = directives(source)
-    return found.get("eval", "").lower() == "false" or bool(skip_flags & found.keys())
+    return cell["cell_type"] == "code" and skip_reason(cell_source(cell), skip_flags) is not None
 
 
-def skip_notebook(nb) -> bool:
-    """True when the notebook's front matter says `skip_exec: true` (nbdev_test skips it whole)."""
-    first = nb.cells[0] if nb.cells else None
-    return bool(first and first.cell_type == "raw" and re.search(r"^skip_exec:\s*true\s*$", first.source, re.M | re.I))
+def skip_notebook(nb:dict) -> bool:
+    """True when the notebook's front matter says `skip_exec: true` (nbdev_test skips it whole); `nb` as nbformat
+    reads it or as the JSON of the file."""
+    first = nb["cells"][0] if nb["cells"] else None
+    return bool(first and first["cell_type"] == "raw"
+                and re.search(r"^skip_exec:\s*true\s*$", cell_source(first), re.M | re.I))
 
 
 def check_kernel(kernel_name:str):

@@ -5,8 +5,10 @@ A small stand-in for `nbdev_test` on a machine that has only PyTorch and its usu
 
 - the cells run in order in one fresh namespace, in the notebook's folder (as `nbdev_test` runs them), with the
   repository root on `sys.path` and `IN_TEST=1` in the environment;
-- a cell whose leading `#|` directives include a test flag (`tst_flags` of settings.ini: notest slow cuda local_data)
-  is skipped unless that flag is given with `--flags`; `#| eval: false` cells are always skipped;
+- the cells and notebooks `make test-jupyter` skips are skipped, by the same functions (tools/run_jupyter.py): a cell
+  whose leading `#|` directives include a test flag (`tst_flags` of settings.ini) unless that flag is given with
+  `--flags`, `#| eval: false` cells and cells calling `nbdev_export(`, and a notebook whose front matter says
+  `skip_exec: true`;
 - IPython-only lines: `%time`/`%timeit` run their statement, other line magics are left out, `!cmd` runs in a shell,
   `%%time`/`%%capture` cells run their body (any other cell magic is an error);
 - when IPython is not installed, a stub `IPython.display` (Image, Markdown, HTML, ... as plain holders, `display`
@@ -17,16 +19,16 @@ A small stand-in for `nbdev_test` on a machine that has only PyTorch and its usu
 
 The cells' own output goes to stderr; stdout gets one JSON line per notebook:
 {"notebook": ..., "status": "ok" or "failed", "ran": n, "skipped": {flag: n}, "flagged_run": {flag: n}, "seconds": ...,
- and on failure "failed_cell", "error" and "traceback_tail"}. The exit status is 0 when every notebook passed.
+ and on failure "failed_cell", "error" and "traceback_tail"; for a `skip_exec` notebook "skip_exec": true}. The exit
+status is 0 when every notebook passed.
 
-    python bench/run_cells.py nbs/08_fp16.ipynb [more notebooks] [--flags cuda local_data] [--standins]
-    python bench/run_cells.py nbs/*.ipynb --having cuda     # which notebooks have a `#| cuda` code cell
+    python tools/run_cells.py nbs/08_fp16.ipynb [more notebooks] [--flags cuda local_data] [--standins]
+    python tools/run_cells.py nbs/*.ipynb --having cuda     # which notebooks have a `#| cuda` code cell
 
 Several notebooks run one after the other, each in a process of its own (as `nbdev_test` runs them).
 """
 import argparse
 import builtins
-import configparser
 import contextlib
 import json
 import linecache
@@ -42,40 +44,14 @@ from collections.abc import Iterable
 from itertools import zip_longest
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DIRECTIVE = re.compile(r"^\s*#\s*\|\s*(\S+)(.*)$")
-DEFAULT_TEST_FLAGS = ("notest", "slow", "cuda", "local_data")
+TOOLS = Path(__file__).resolve().parent
+ROOT = TOOLS.parent
+if str(TOOLS) not in sys.path:  # run as a script it is sys.path[0]; loaded from its file by a test, it may not be
+    sys.path.insert(0, str(TOOLS))
+# which cells and notebooks nbdev_test skips: the rule of `make test-jupyter`, standard library only
+from run_jupyter import cell_source, directives, settings_flags, skip_notebook, skip_reason  # noqa: E402
 
-
-def test_flags(root:Path=ROOT) -> set:
-    "The test flags of the project (settings.ini's `tst_flags`), or nbdev's usual ones."
-    cfg = configparser.ConfigParser()
-    cfg.read(root / "settings.ini")
-    return set(cfg.get("DEFAULT", "tst_flags", fallback=" ".join(DEFAULT_TEST_FLAGS)).split())
-
-
-def directives(source:str) -> dict:
-    "The `#| name value` lines at the top of a cell: {name: value}; e.g. {'slow': '', 'eval:': 'false'}."
-    found = {}
-    for line in source.splitlines():
-        if not line.strip():
-            continue
-        match = DIRECTIVE.match(line)
-        if not match:
-            break
-        found[match.group(1)] = match.group(2).strip()
-    return found
-
-
-def skip_reason(source:str, flags:set, run_flags:set) -> str|None:
-    "Why a code cell is not run (a test flag not asked for, 'eval: false', nbdev_export), or None to run it."
-    found = directives(source)
-    if found.get("eval:", "").lower() == "false":
-        return "eval: false"
-    if "nbdev_export" + "(" in source:
-        return "nbdev_export"
-    missing = sorted(set(found) & flags - run_flags)
-    return missing[0] if missing else None
+DIRECTIVE = re.compile(r"^\s*#\s*\|")  # a `#|` line at the top of a cell
 
 
 # IPython syntax
@@ -306,11 +282,9 @@ def install_standins(force:bool=False) -> list[str]:
 
 
 # running a notebook
-def code_cells(path:Path) -> list[tuple[int, str]]:
-    "(index in the notebook, source) of each code cell."
-    nb = json.loads(path.read_text())
-    return [(i, "".join(c["source"]) if isinstance(c["source"], list) else c["source"])
-            for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"]
+def code_cells(nb:dict) -> list[tuple[int, str]]:
+    "(index in the notebook, source) of each code cell of `nb` (a notebook file's JSON)."
+    return [(i, cell_source(c)) for i, c in enumerate(nb["cells"]) if c["cell_type"] == "code"]
 
 
 def _prepare_process():
@@ -337,16 +311,19 @@ def run_notebook(path:Path, run_flags:set, force_standins:bool=False, in_test:bo
     if in_test:
         os.environ["IN_TEST"] = "1"
     standins = install_standins(force_standins)
-    flags = test_flags()
+    flags = settings_flags()
+    nb = json.loads(path.read_text())
     summary = {"notebook": os.path.relpath(path, ROOT), "status": "ok", "flags": sorted(run_flags), "ran": 0,
                "skipped": {}, "flagged_run": {}, "standins": standins}
+    if skip_notebook(nb):
+        return {**summary, "skip_exec": True, "seconds": 0., "cuda_device": None}
     namespace = {"__name__": "__main__", "__builtins__": builtins, "__run_shell__": run_shell,
                  "display": lambda *objs, **kwargs: None}
     start = time.perf_counter()
     os.chdir(path.parent)
     with contextlib.redirect_stdout(sys.stderr):
-        for index, source in code_cells(path):
-            reason = skip_reason(source, flags, run_flags)
+        for index, source in code_cells(nb):
+            reason = skip_reason(source, flags - run_flags)
             if reason is not None:
                 summary["skipped"][reason] = summary["skipped"].get(reason, 0) + 1
                 continue
@@ -384,7 +361,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.having:
         for nb in args.notebooks:
-            if any(args.having in directives(source) for _, source in code_cells(nb)):
+            if any(args.having in directives(source) for _, source in code_cells(json.loads(nb.read_text()))):
                 print(nb)
         return 0
     if args.one or len(args.notebooks) == 1:
