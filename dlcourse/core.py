@@ -116,8 +116,12 @@ def _fsync_dir(folder:Path):
 
 def file_mode() -> int:
     "The mode the user's umask gives a new file (0o644 under the usual umask 022)."
-    mask = os.umask(0)  # reading the umask means setting it: put it straight back
-    os.umask(mask)
+    try:  # Linux shows the umask without changing it
+        status = Path("/proc/self/status").read_text()
+        mask = int(next(l.split()[1] for l in status.splitlines() if l.startswith("Umask:")), 8)
+    except (OSError, StopIteration):
+        mask = os.umask(0)  # elsewhere reading the umask means setting it: put it straight back
+        os.umask(mask)
     return 0o666 & ~mask
 
 def atomic_write(path:str|Path, # the final file
