@@ -184,26 +184,29 @@ def _wd_pieces(decouple_wd:bool) -> tuple[list, list]:
     return ([], [WeightDecay()]) if decouple_wd else ([L2Reg()], [])
 
 # %% ../nbs/05_optimizers.ipynb #a5f0b907
-def _split_decay(named:list, wd:float, no_decay_1d:bool, skip:set, key:str, extra:dict) -> list[dict]:
-    "The trainable ones of the (name, parameter) pairs `named`, in a group with decay `wd` and one without; both get `extra`."
+def _split_decay(named:list, wd:float|None, no_decay_1d:bool, skip:set, key:str, extra:dict,
+                 frozen:bool) -> list[dict]:
+    "The (trainable, or all with `frozen`) (name, parameter) pairs `named`, in a group with decay `wd` and one without."
     decayed, undecayed = [], []
     for name, p in named:
-        if not p.requires_grad:
+        if not (p.requires_grad or frozen):
             continue
         if (no_decay_1d and p.ndim <= 1) or name in skip:
             undecayed.append(p)
         else:
             decayed.append(p)
-    groups = [{**extra, "params": decayed, key: wd}, {**extra, "params": undecayed, key: 0.}]
+    decay = {} if wd is None else {key: wd}  # None: no key, the optimizer's default decay applies
+    groups = [{**extra, "params": decayed, **decay}, {**extra, "params": undecayed, key: 0.}]
     return [group for group in groups if group["params"]]
 
 def param_groups(params, # an `nn.Module`, or an iterable of parameters, or of parameter-group dicts
-                 wd:float, # the weight decay of the decayed group
+                 wd:float|None, # the weight decay of the decayed group (None: the optimizer's default)
                  no_decay_1d:bool=True, # do not decay 1-dimensional parameters (biases, BatchNorm and LayerNorm weights)
                  skip=(), # names of more parameters not to decay (`params` must then be a model)
-                 key:str="wd" # the weight-decay key of the groups: "weight_decay" for `torch.optim`
+                 key:str="wd", # the weight-decay key of the groups: "weight_decay" for `torch.optim`
+                 frozen:bool=False # keep parameters with requires_grad=False too (to train them once unfrozen)
                 ) -> list[dict]:
-    "The trainable parameters as `[{'params': decayed, key: wd}, {'params': not_decayed, key: 0.}]`, empty groups left out."
+    "The trainable parameters (all with `frozen`) as `[{'params': decayed, key: wd}, {'params': not_decayed, key: 0.}]`, empty groups left out."
     skip = set(skip)
     if isinstance(params, nn.Module):
         named = list(params.named_parameters())
@@ -211,17 +214,18 @@ def param_groups(params, # an `nn.Module`, or an iterable of parameters, or of p
         if unknown:
             raise ValueError(f"skip names parameters the model does not have: {unknown}; "
                              f"its parameters are: {', '.join(name for name, _ in named)}")
-        return _split_decay(named, wd, no_decay_1d, skip, key, {})
+        return _split_decay(named, wd, no_decay_1d, skip, key, {}, frozen)
     if skip:
         raise ValueError("skip names parameters: pass the model itself, not a list of its parameters")
     params = list(params)
     if not any(isinstance(item, dict) for item in params):
-        return _split_decay([(None, p) for p in params], wd, no_decay_1d, skip, key, {})
+        return _split_decay([(None, p) for p in params], wd, no_decay_1d, skip, key, {}, frozen)
     groups = []
     for group in params:
         extra = {k: v for k, v in group.items() if k != "params"}
         members = [group["params"]] if isinstance(group["params"], torch.Tensor) else list(group["params"])
-        groups += _split_decay([(None, p) for p in members], extra.pop(key, wd), no_decay_1d, skip, key, extra)
+        groups += _split_decay([(None, p) for p in members], extra.pop(key, wd), no_decay_1d, skip, key, extra,
+                               frozen)
     return groups
 
 # %% ../nbs/05_optimizers.ipynb #91db00e0

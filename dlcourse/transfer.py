@@ -27,6 +27,7 @@ from .core import atomic_write, keep_modes, plain_model
 from .datasets import file_hash
 from .init import init_kaiming
 from .learner import ORDER, Callback
+from .optimizers import param_groups
 from .schedule import fit_one_cycle
 
 # %% ../nbs/11_transfer_learning.ipynb #a0ecc8ad
@@ -569,12 +570,9 @@ def make_group_opt(learn, # a `dlcourse.learner.Learner`
     lrs = lr if isinstance(lr, (list, tuple)) else [lr] * len(groups)
     if len(lrs) != len(groups):
         raise ValueError(f"{len(lrs)} learning rates for {len(groups)} parameter groups")
-    decay = {} if wd is None else {"weight_decay": wd}  # no key: the optimizer's default fills it in
-    learn.params = []
-    for i, (params, group_lr) in enumerate(zip(groups, lrs)):  # `weight_decay` is read as `wd` by 05's optimizers
-        weights, others = [p for p in params if p.ndim > 1], [p for p in params if p.ndim <= 1]
-        learn.params += [{"params": members, "lr": group_lr, "layer_group": i, **hyper}
-                         for members, hyper in ((weights, decay), (others, {"weight_decay": 0.})) if members]
+    learn.params = param_groups([{"params": params, "lr": group_lr, "layer_group": i}
+                                 for i, (params, group_lr) in enumerate(zip(groups, lrs))],
+                                wd, key="weight_decay", frozen=True)  # `weight_decay` is read as `wd` by 05's optimizers
     learn.make_opt(lrs[-1])
     return learn.opt
 
